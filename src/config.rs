@@ -1,0 +1,383 @@
+//! Typed configuration for one link.
+//!
+//! Provider-level config (named config given when the provider starts) supplies defaults, and the
+//! link's own config overrides them. Keys are case-insensitive. `AUTH_TOKEN` is read from secrets
+//! first (link secrets, then provider secrets); taking it from plain config works but logs a
+//! warning. Parsing is pure: a bad value is a [`ConfigError`] naming the key, never a panic, and
+//! secrets never appear in `Debug` output or errors.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::Duration;
+
+use tracing::warn;
+use wasmcloud_provider_sdk::core::secrets::SecretValue;
+
+pub const URI: &str = "URI";
+pub const AUTH_TOKEN: &str = "AUTH_TOKEN";
+pub const CONNECT_TIMEOUT_SEC: &str = "CONNECT_TIMEOUT_SEC";
+pub const ENABLE_SESSION_TRACKING: &str = "ENABLE_SESSION_TRACKING";
+pub const HEADER_PREFIX: &str = "HEADER_";
+pub const SUBJECT: &str = "SUBJECT";
+pub const FRAME_TYPE: &str = "FRAME_TYPE";
+pub const HANDLER_TIMEOUT_MS: &str = "HANDLER_TIMEOUT_MS";
+pub const RECONNECT_MIN_MS: &str = "RECONNECT_MIN_MS";
+pub const RECONNECT_MAX_MS: &str = "RECONNECT_MAX_MS";
+pub const MAX_MESSAGE_BYTES: &str = "MAX_MESSAGE_BYTES";
+pub const SEND_QUEUE_LEN: &str = "SEND_QUEUE_LEN";
+
+pub const DEFAULT_URI: &str = "ws://127.0.0.1:8080";
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(250);
+pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_SEND_QUEUE_LEN: usize = 1024;
+
+/// A secret string whose `Debug` and `Display` never show the value.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Which WebSocket frame type `publish` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum FrameType {
+    /// Text when the body is valid UTF-8, binary otherwise.
+    #[default]
+    Auto,
+    Text,
+    Binary,
+}
+
+/// A configuration value that could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid config {}: {}", self.key, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The parts of a link's settings that identify a socket: links of one component whose
+/// endpoints are equal share one connection.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub uri: String,
+    pub auth_token: Option<Secret>,
+    /// Extra upgrade-request headers, sorted by lower-cased name.
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Everything one link's config says, after defaults and overrides.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinkSettings {
+    pub endpoint: Endpoint,
+    /// True when the link's own config (not the provider default) named `URI`.
+    pub uri_set_on_link: bool,
+    pub connect_timeout: Duration,
+    pub session_tracking: bool,
+    /// Subject given to inbound messages; `None` means the default `ws.<link name>`.
+    pub subject: Option<String>,
+    pub frame_type: FrameType,
+    pub handler_timeout: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub max_message_bytes: usize,
+    pub send_queue_len: usize,
+}
+
+impl LinkSettings {
+    /// The subject of inbound messages on a link called `link_name`.
+    pub fn inbound_subject(&self, link_name: &str) -> String {
+        self.subject
+            .clone()
+            .unwrap_or_else(|| format!("ws.{link_name}"))
+    }
+}
+
+/// Upper-cases every key so lookups are case-insensitive.
+pub fn normalize(map: &HashMap<String, String>) -> HashMap<String, String> {
+    map.iter()
+        .map(|(k, v)| (k.to_ascii_uppercase(), v.clone()))
+        .collect()
+}
+
+fn secret_string(secrets: &HashMap<String, SecretValue>, key: &str) -> Option<String> {
+    secrets
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        .and_then(|(_, v)| match v {
+            SecretValue::String(s) => Some(s.clone()),
+            SecretValue::Bytes(b) => String::from_utf8(b.clone()).ok(),
+        })
+}
+
+/// The provider's own defaults: its config and secrets, kept for every link to start from.
+#[derive(Clone, Debug, Default)]
+pub struct ProviderDefaults {
+    config: HashMap<String, String>,
+    secrets: HashMap<String, SecretValue>,
+}
+
+impl ProviderDefaults {
+    pub fn new(config: &HashMap<String, String>, secrets: &HashMap<String, SecretValue>) -> Self {
+        Self {
+            config: normalize(config),
+            secrets: secrets.clone(),
+        }
+    }
+
+    /// Parses the settings of one link: link config over provider config, secrets first.
+    pub fn link_settings(
+        &self,
+        link_config: &HashMap<String, String>,
+        link_secrets: &HashMap<String, SecretValue>,
+    ) -> Result<LinkSettings, ConfigError> {
+        let link = normalize(link_config);
+        let mut merged = self.config.clone();
+        merged.extend(link.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let get = |key: &str| merged.get(key).map(|v| v.trim()).filter(|v| !v.is_empty());
+
+        let uri = get(URI).unwrap_or(DEFAULT_URI).to_string();
+        validate_uri(&uri)?;
+
+        let auth_token = match secret_string(link_secrets, AUTH_TOKEN)
+            .or_else(|| secret_string(&self.secrets, AUTH_TOKEN))
+        {
+            Some(token) => Some(token),
+            None => {
+                let plain = get(AUTH_TOKEN).map(str::to_string);
+                if plain.is_some() {
+                    warn!("AUTH_TOKEN was read from plain config; prefer passing it as a secret");
+                }
+                plain
+            }
+        };
+        if let Some(token) = &auth_token {
+            validate_header_value(AUTH_TOKEN, token)?;
+        }
+
+        let mut headers = BTreeMap::new();
+        for (key, value) in &merged {
+            if let Some(name) = key.strip_prefix(HEADER_PREFIX) {
+                // HTTP header names are case-insensitive; they go out lower-cased.
+                let name = name.to_ascii_lowercase();
+                if name.is_empty() {
+                    return Err(err(key, "header name is empty"));
+                }
+                validate_header_name(key, &name)?;
+                validate_header_value(key, value)?;
+                if name == "authorization" && auth_token.is_some() {
+                    return Err(err(key, "conflicts with AUTH_TOKEN"));
+                }
+                headers.insert(name, value.clone());
+            }
+        }
+
+        let connect_timeout = match get(CONNECT_TIMEOUT_SEC) {
+            Some(v) => Duration::from_secs(parse_positive(CONNECT_TIMEOUT_SEC, v)?),
+            None => DEFAULT_CONNECT_TIMEOUT,
+        };
+        let session_tracking = match get(ENABLE_SESSION_TRACKING) {
+            Some(v) => parse_bool(ENABLE_SESSION_TRACKING, v)?,
+            None => true,
+        };
+        let frame_type = match get(FRAME_TYPE).map(str::to_ascii_lowercase).as_deref() {
+            None | Some("auto") => FrameType::Auto,
+            Some("text") => FrameType::Text,
+            Some("binary") => FrameType::Binary,
+            Some(other) => {
+                return Err(err(
+                    FRAME_TYPE,
+                    format!("expected auto, text or binary, got {other:?}"),
+                ))
+            }
+        };
+        let ms = |key: &str, default: Duration| -> Result<Duration, ConfigError> {
+            Ok(match get(key) {
+                Some(v) => Duration::from_millis(parse_positive(key, v)?),
+                None => default,
+            })
+        };
+        let handler_timeout = ms(HANDLER_TIMEOUT_MS, DEFAULT_HANDLER_TIMEOUT)?;
+        let reconnect_min = ms(RECONNECT_MIN_MS, DEFAULT_RECONNECT_MIN)?;
+        let reconnect_max = ms(RECONNECT_MAX_MS, DEFAULT_RECONNECT_MAX)?;
+        if reconnect_max < reconnect_min {
+            return Err(err(RECONNECT_MAX_MS, "must not be less than RECONNECT_MIN_MS"));
+        }
+        let max_message_bytes = match get(MAX_MESSAGE_BYTES) {
+            Some(v) => usize::try_from(parse_positive(MAX_MESSAGE_BYTES, v)?)
+                .map_err(|_| err(MAX_MESSAGE_BYTES, "too large"))?,
+            None => DEFAULT_MAX_MESSAGE_BYTES,
+        };
+        let send_queue_len = match get(SEND_QUEUE_LEN) {
+            Some(v) => usize::try_from(parse_positive(SEND_QUEUE_LEN, v)?)
+                .map_err(|_| err(SEND_QUEUE_LEN, "too large"))?,
+            None => DEFAULT_SEND_QUEUE_LEN,
+        };
+
+        Ok(LinkSettings {
+            endpoint: Endpoint {
+                uri,
+                auth_token: auth_token.map(Secret::new),
+                headers,
+            },
+            uri_set_on_link: link.get(URI).is_some_and(|v| !v.trim().is_empty()),
+            connect_timeout,
+            session_tracking,
+            subject: get(SUBJECT).map(str::to_string),
+            frame_type,
+            handler_timeout,
+            reconnect_min,
+            reconnect_max,
+            max_message_bytes,
+            send_queue_len,
+        })
+    }
+}
+
+fn validate_uri(uri: &str) -> Result<(), ConfigError> {
+    let parsed: tokio_tungstenite::tungstenite::http::Uri = uri
+        .parse()
+        .map_err(|e| err(URI, format!("{uri:?} is not a URI: {e}")))?;
+    match parsed.scheme_str() {
+        Some("ws") | Some("wss") => {}
+        _ => return Err(err(URI, format!("{uri:?} must start with ws:// or wss://"))),
+    }
+    if parsed.host().is_none_or(str::is_empty) {
+        return Err(err(URI, format!("{uri:?} has no host")));
+    }
+    Ok(())
+}
+
+fn validate_header_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+        .map(|_| ())
+        .map_err(|_| err(key, format!("{name:?} is not a valid header name")))
+}
+
+/// Checks a header value without echoing it (it may be a secret).
+fn validate_header_value(key: &str, value: &str) -> Result<(), ConfigError> {
+    tokio_tungstenite::tungstenite::http::HeaderValue::from_str(value)
+        .map(|_| ())
+        .map_err(|_| err(key, "value contains characters not allowed in a header"))
+}
+
+fn parse_positive(key: &str, value: &str) -> Result<u64, ConfigError> {
+    match value.parse::<u64>() {
+        Ok(0) => Err(err(key, "must be greater than zero")),
+        Ok(n) => Ok(n),
+        Err(_) => Err(err(key, format!("{value:?} is not a whole number"))),
+    }
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(err(key, format!("{value:?} is not true or false"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn parse(provider: &[(&str, &str)], link: &[(&str, &str)]) -> Result<LinkSettings, ConfigError> {
+        ProviderDefaults::new(&map(provider), &HashMap::new()).link_settings(&map(link), &HashMap::new())
+    }
+
+    #[test]
+    fn defaults_apply_without_config() {
+        let s = parse(&[], &[]).expect("defaults parse");
+        assert_eq!(s.endpoint.uri, DEFAULT_URI);
+        assert!(!s.uri_set_on_link);
+        assert_eq!(s.connect_timeout, Duration::from_secs(30));
+        assert!(s.session_tracking);
+        assert_eq!(s.inbound_subject("chat"), "ws.chat");
+        assert_eq!(s.frame_type, FrameType::Auto);
+    }
+
+    #[test]
+    fn link_overrides_provider_and_keys_ignore_case() {
+        let s = parse(
+            &[("uri", "ws://a:1"), ("connect_timeout_sec", "5")],
+            &[("Uri", "wss://b:2/x"), ("subject", "in"), ("Enable_Session_Tracking", "false")],
+        )
+        .expect("parse");
+        assert_eq!(s.endpoint.uri, "wss://b:2/x");
+        assert!(s.uri_set_on_link);
+        assert_eq!(s.connect_timeout, Duration::from_secs(5));
+        assert!(!s.session_tracking);
+        assert_eq!(s.inbound_subject("x"), "in");
+    }
+
+    #[test]
+    fn headers_keep_their_name_and_tokens_come_from_secrets_first() {
+        let mut secrets = HashMap::new();
+        secrets.insert("auth_token".to_string(), SecretValue::String("from-secret".into()));
+        let s = ProviderDefaults::default()
+            .link_settings(&map(&[("HEADER_X-Trace", "t1"), ("AUTH_TOKEN", "plain")]), &secrets)
+            .expect("parse");
+        assert_eq!(s.endpoint.headers.get("x-trace").map(String::as_str), Some("t1"));
+        assert_eq!(s.endpoint.auth_token.as_ref().map(Secret::expose), Some("from-secret"));
+        assert!(!format!("{s:?}").contains("from-secret"));
+    }
+
+    #[test]
+    fn bad_values_are_errors_naming_the_key() {
+        for (key, value) in [
+            ("URI", "not a uri"),
+            ("URI", "http://x"),
+            ("CONNECT_TIMEOUT_SEC", "soon"),
+            ("CONNECT_TIMEOUT_SEC", "0"),
+            ("ENABLE_SESSION_TRACKING", "maybe"),
+            ("FRAME_TYPE", "morse"),
+            ("HEADER_bad name", "v"),
+            ("HEADER_X", "line\nbreak"),
+        ] {
+            let e = parse(&[], &[(key, value)]).expect_err(key);
+            assert_eq!(e.key.to_ascii_uppercase(), key.to_ascii_uppercase(), "{e}");
+        }
+    }
+
+    #[test]
+    fn token_value_never_appears_in_errors() {
+        let e = parse(&[], &[("AUTH_TOKEN", "sek\u{7}rit")]).expect_err("bad token");
+        assert!(!e.to_string().contains("sekrit"));
+    }
+}

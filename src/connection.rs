@@ -1,0 +1,92 @@
+//! A live client connection: a registered session plus the task that owns its socket.
+//!
+//! [`Connection::open`] registers the session and spawns the socket task. The handle is shared
+//! (`Arc`) by every link that uses the socket; when the last one lets go, `Drop` cancels the task
+//! (which sends a close frame) and removes the session from the registry.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use wasmcloud_provider_sdk::provider::WrpcClient;
+
+use crate::config::LinkSettings;
+use crate::dispatch::Dispatcher;
+use crate::sessions::{Registry, Session};
+use crate::stats::Stats;
+use crate::ws::client::{self, ClientOptions, ConnState};
+
+pub struct Connection {
+    pub session: Arc<Session>,
+    registry: Arc<Registry>,
+    cancel: CancellationToken,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Connection {
+    /// Registers a session for `component_id` and starts connecting it as `settings` say.
+    pub fn open(
+        component_id: &str,
+        settings: &LinkSettings,
+        wrpc: WrpcClient,
+        registry: Arc<Registry>,
+        stats: Arc<Stats>,
+    ) -> Arc<Self> {
+        let (state_tx, state_rx) = watch::channel(ConnState::Connecting);
+        let (out_tx, out_rx) = mpsc::channel(settings.send_queue_len);
+        let session = Arc::new(Session::new(
+            component_id.to_string(),
+            settings.endpoint.uri.clone(),
+            settings.session_tracking,
+            settings.frame_type,
+            state_rx,
+            out_tx,
+        ));
+        registry.insert(Arc::clone(&session));
+        let options = ClientOptions {
+            endpoint: settings.endpoint.clone(),
+            connect_timeout: settings.connect_timeout,
+            reconnect_min: settings.reconnect_min,
+            reconnect_max: settings.reconnect_max,
+            max_message_bytes: settings.max_message_bytes,
+        };
+        let dispatcher = Arc::new(Dispatcher {
+            session: Arc::clone(&session),
+            wrpc,
+            timeout: settings.handler_timeout,
+            stats,
+        });
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(client::run(
+            options,
+            dispatcher,
+            out_rx,
+            state_tx,
+            cancel.clone(),
+        ));
+        Arc::new(Self {
+            session,
+            registry,
+            cancel,
+            task: Mutex::new(Some(task)),
+        })
+    }
+
+    /// Closes the socket (with a close frame) and waits up to `grace` for the task to end.
+    pub async fn close(&self, grace: Duration) {
+        self.cancel.cancel();
+        let task = self.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            let _ = tokio::time::timeout(grace, task).await;
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        self.registry.remove(&self.session.id);
+    }
+}

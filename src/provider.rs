@@ -1,0 +1,401 @@
+//! The wasmCloud glue: links become connections, and health and shutdown report on them.
+//!
+//! Link state is keyed by (component ID, link name) in each direction:
+//! - a provider->component `handler` link always uses a connection, and asks for its frames;
+//! - a component->provider `consumer` link opens a connection only when its own config sets
+//!   `URI`; otherwise the component's publishes use its handler-link connection.
+//!
+//! Links of one component whose endpoints (URI, token, headers) are equal share one connection
+//! through a pool of weak references; the connection closes when its last link is deleted.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::future::join_all;
+use tracing::{error, info, instrument, warn};
+use wasmcloud_provider_sdk::provider::WrpcClient;
+use wasmcloud_provider_sdk::{
+    get_connection, HealthCheckRequest, HealthCheckResponse, LinkConfig, LinkDeleteInfo, Provider,
+    ProviderInitConfig,
+};
+
+use crate::config::{Endpoint, FrameType, LinkSettings, ProviderDefaults};
+use crate::connection::Connection;
+use crate::sessions::{parse_session_subject, Registry, Route, Session};
+use crate::stats::Stats;
+use crate::ws::client::ConnState;
+
+/// How long `shutdown` waits for close frames: the host kills the process after ~300 ms.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(200);
+
+/// (component ID, link name)
+type LinkKey = (String, String);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Direction {
+    Handler,
+    Consumer,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Handler => "handler",
+            Direction::Consumer => "consumer",
+        }
+    }
+}
+
+/// A provider->component link: its connection, whose frames it receives.
+struct HandlerLink {
+    conn: Arc<Connection>,
+    link_name: String,
+}
+
+impl Drop for HandlerLink {
+    fn drop(&mut self) {
+        self.conn.session.remove_route(&self.link_name);
+    }
+}
+
+/// A component->provider link: its own connection, if its config set `URI`.
+struct ConsumerLink {
+    conn: Option<Arc<Connection>>,
+    frame_type: Option<FrameType>,
+}
+
+#[derive(Default)]
+struct Links {
+    handlers: HashMap<LinkKey, HandlerLink>,
+    consumers: HashMap<LinkKey, ConsumerLink>,
+    pool: HashMap<(String, Endpoint), Weak<Connection>>,
+    /// Links whose config was refused, with the reason (reported by health).
+    errors: HashMap<(Direction, LinkKey), String>,
+}
+
+impl Links {
+    fn connection_for(&self, component: &str, endpoint: &Endpoint) -> Option<Arc<Connection>> {
+        self.pool
+            .get(&(component.to_string(), endpoint.clone()))
+            .and_then(Weak::upgrade)
+    }
+
+    fn prune_pool(&mut self) {
+        self.pool.retain(|_, conn| conn.strong_count() > 0);
+    }
+
+    fn component_has_links(&self, component: &str) -> bool {
+        self.handlers.keys().chain(self.consumers.keys()).any(|(c, _)| c == component)
+    }
+}
+
+struct Inner {
+    defaults: RwLock<ProviderDefaults>,
+    registry: Arc<Registry>,
+    stats: Arc<Stats>,
+    links: Mutex<Links>,
+    /// One wRPC client per linked component (each holds a NATS inbox subscription).
+    clients: tokio::sync::Mutex<HashMap<String, WrpcClient>>,
+}
+
+/// The WebSocket messaging provider. Cheap to clone: all state is shared.
+#[derive(Clone)]
+pub struct WsProvider {
+    inner: Arc<Inner>,
+}
+
+impl Default for WsProvider {
+    fn default() -> Self {
+        Self::new(ProviderDefaults::default())
+    }
+}
+
+impl WsProvider {
+    pub fn new(defaults: ProviderDefaults) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                defaults: RwLock::new(defaults),
+                registry: Arc::default(),
+                stats: Arc::default(),
+                links: Mutex::default(),
+                clients: tokio::sync::Mutex::default(),
+            }),
+        }
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    fn links(&self) -> std::sync::MutexGuard<'_, Links> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that matters
+        // more than stopping; recover the guard rather than poisoning every later call.
+        self.inner.links.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn settings(&self, link: &LinkConfig<'_>) -> Result<LinkSettings, crate::config::ConfigError> {
+        let defaults = self.inner.defaults.read().unwrap_or_else(|e| e.into_inner());
+        defaults.link_settings(link.config, link.secrets)
+    }
+
+    async fn wrpc_for(&self, component: &str) -> anyhow::Result<WrpcClient> {
+        let mut clients = self.inner.clients.lock().await;
+        if let Some(client) = clients.get(component) {
+            return Ok(client.clone());
+        }
+        let client = get_connection()
+            .get_wrpc_client(component)
+            .await
+            .with_context(|| format!("failed to create a wRPC client for {component}"))?;
+        clients.insert(component.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// Finds or opens the connection of `component` for `settings`.
+    async fn connection(&self, component: &str, settings: &LinkSettings) -> anyhow::Result<Arc<Connection>> {
+        if let Some(conn) = self.links().connection_for(component, &settings.endpoint) {
+            return Ok(conn);
+        }
+        let wrpc = self.wrpc_for(component).await?;
+        let mut links = self.links();
+        // Another link may have opened it while the wRPC client was created.
+        if let Some(conn) = links.connection_for(component, &settings.endpoint) {
+            return Ok(conn);
+        }
+        let conn = Connection::open(
+            component,
+            settings,
+            wrpc,
+            Arc::clone(&self.inner.registry),
+            Arc::clone(&self.inner.stats),
+        );
+        links.prune_pool();
+        links
+            .pool
+            .insert((component.to_string(), settings.endpoint.clone()), Arc::downgrade(&conn));
+        info!(component, session = %conn.session.id, uri = %settings.endpoint.uri, "opened connection");
+        Ok(conn)
+    }
+
+    fn record_error(&self, direction: Direction, key: LinkKey, error: String) {
+        error!(direction = direction.as_str(), component = %key.0, link = %key.1, %error, "link refused");
+        self.links().errors.insert((direction, key), error);
+    }
+
+    async fn put_handler_link(&self, component: &str, link_name: &str, link: &LinkConfig<'_>) -> anyhow::Result<()> {
+        let key = (component.to_string(), link_name.to_string());
+        let settings = match self.settings(link) {
+            Ok(s) => s,
+            Err(e) => {
+                self.record_error(Direction::Handler, key, e.to_string());
+                return Err(e.into());
+            }
+        };
+        let conn = self.connection(component, &settings).await?;
+        conn.session.add_route(Route {
+            link_name: link_name.to_string(),
+            subject: settings.inbound_subject(link_name),
+        });
+        let mut links = self.links();
+        links.errors.remove(&(Direction::Handler, key.clone()));
+        links.handlers.insert(
+            key,
+            HandlerLink {
+                conn,
+                link_name: link_name.to_string(),
+            },
+        );
+        Ok(())
+    }
+
+    async fn put_consumer_link(&self, component: &str, link_name: &str, link: &LinkConfig<'_>) -> anyhow::Result<()> {
+        let key = (component.to_string(), link_name.to_string());
+        let settings = match self.settings(link) {
+            Ok(s) => s,
+            Err(e) => {
+                self.record_error(Direction::Consumer, key, e.to_string());
+                return Err(e.into());
+            }
+        };
+        let conn = if settings.uri_set_on_link {
+            Some(self.connection(component, &settings).await?)
+        } else {
+            None
+        };
+        let frame_type = link
+            .config
+            .keys()
+            .any(|k| k.eq_ignore_ascii_case(crate::config::FRAME_TYPE))
+            .then_some(settings.frame_type);
+        let mut links = self.links();
+        links.errors.remove(&(Direction::Consumer, key.clone()));
+        links.consumers.insert(key, ConsumerLink { conn, frame_type });
+        Ok(())
+    }
+
+    async fn remove_link(&self, direction: Direction, component: &str, link_name: &str) {
+        let key = (component.to_string(), link_name.to_string());
+        let removed_any;
+        let drop_client;
+        {
+            let mut links = self.links();
+            links.errors.remove(&(direction, key.clone()));
+            removed_any = match direction {
+                Direction::Handler => links.handlers.remove(&key).is_some(),
+                Direction::Consumer => links.consumers.remove(&key).is_some(),
+            };
+            links.prune_pool();
+            drop_client = !links.component_has_links(component);
+        }
+        if drop_client {
+            self.inner.clients.lock().await.remove(component);
+        }
+        info!(direction = direction.as_str(), component, link = link_name, removed_any, "link deleted");
+    }
+
+    /// Chooses the session a component's publish goes to.
+    ///
+    /// A session subject names the session directly (only the caller's own). Any other subject
+    /// goes out on the consumer link's own connection, else on the component's only handler-link
+    /// connection.
+    pub fn route_publish(
+        &self,
+        component: &str,
+        link_name: &str,
+        subject: &str,
+    ) -> Result<(Arc<Session>, FrameType), String> {
+        let links = self.links();
+        let consumer = links.consumers.get(&(component.to_string(), link_name.to_string()));
+        let frame_type_override = consumer.and_then(|c| c.frame_type);
+        if let Some(id) = parse_session_subject(subject) {
+            let session = self
+                .inner
+                .registry
+                .get_owned(component, &id)
+                .ok_or_else(|| format!("unknown session {id}"))?;
+            let frame_type = frame_type_override.unwrap_or(session.frame_type);
+            return Ok((session, frame_type));
+        }
+        if let Some(conn) = consumer.and_then(|c| c.conn.as_ref()) {
+            let session = Arc::clone(&conn.session);
+            return Ok((Arc::clone(&session), frame_type_override.unwrap_or(session.frame_type)));
+        }
+        let mut sessions: Vec<&Arc<Session>> = links
+            .handlers
+            .iter()
+            .filter(|((c, _), _)| c == component)
+            .map(|(_, h)| &h.conn.session)
+            .collect();
+        sessions.sort_by_key(|s| s.id);
+        sessions.dedup_by_key(|s| s.id);
+        match sessions.as_slice() {
+            [] => Err(format!(
+                "component {component} has no WebSocket connection: link a handler with URI, or set URI on the consumer link {link_name:?}"
+            )),
+            [session] => Ok((Arc::clone(session), frame_type_override.unwrap_or(session.frame_type))),
+            _ => Err(format!(
+                "component {component} has {} WebSocket connections; publish to a session subject (the reply_to of an inbound message) to choose one",
+                sessions.len()
+            )),
+        }
+    }
+
+    /// One line per link that is not connected or was refused; empty when all is well.
+    fn problems(&self) -> Vec<String> {
+        let links = self.links();
+        let mut problems: Vec<String> = links
+            .errors
+            .iter()
+            .map(|((dir, (component, link)), e)| format!("{} link {link:?} of {component}: {e}", dir.as_str()))
+            .collect();
+        let conns = links
+            .handlers
+            .iter()
+            .map(|(k, h)| (Direction::Handler, k, &h.conn))
+            .chain(
+                links
+                    .consumers
+                    .iter()
+                    .filter_map(|(k, c)| c.conn.as_ref().map(|conn| (Direction::Consumer, k, conn))),
+            );
+        for (dir, (component, link), conn) in conns {
+            match conn.session.state() {
+                ConnState::Connected { .. } => {}
+                ConnState::Connecting => problems.push(format!(
+                    "{} link {link:?} of {component}: connecting to {}",
+                    dir.as_str(),
+                    conn.session.uri
+                )),
+                ConnState::Disconnected { error } => problems.push(format!(
+                    "{} link {link:?} of {component}: {error}",
+                    dir.as_str()
+                )),
+            }
+        }
+        problems.sort();
+        problems
+    }
+}
+
+impl Provider for WsProvider {
+    async fn init(&self, init: impl ProviderInitConfig) -> anyhow::Result<()> {
+        let defaults = ProviderDefaults::new(init.get_config(), init.get_secrets());
+        *self.inner.defaults.write().unwrap_or_else(|e| e.into_inner()) = defaults;
+        info!(provider = init.get_provider_id(), "websocket messaging provider initialized");
+        Ok(())
+    }
+
+    #[instrument(level = "debug", skip_all, fields(component = link.target_id, link = link.link_name))]
+    async fn receive_link_config_as_source(&self, link: LinkConfig<'_>) -> anyhow::Result<()> {
+        self.put_handler_link(link.target_id, link.link_name, &link).await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(component = link.source_id, link = link.link_name))]
+    async fn receive_link_config_as_target(&self, link: LinkConfig<'_>) -> anyhow::Result<()> {
+        self.put_consumer_link(link.source_id, link.link_name, &link).await
+    }
+
+    async fn delete_link_as_source(&self, info: impl LinkDeleteInfo) -> anyhow::Result<()> {
+        self.remove_link(Direction::Handler, info.get_target_id(), info.get_link_name()).await;
+        Ok(())
+    }
+
+    async fn delete_link_as_target(&self, info: impl LinkDeleteInfo) -> anyhow::Result<()> {
+        self.remove_link(Direction::Consumer, info.get_source_id(), info.get_link_name()).await;
+        Ok(())
+    }
+
+    async fn health_request(&self, _: &HealthCheckRequest) -> anyhow::Result<HealthCheckResponse> {
+        let problems = self.problems();
+        if !problems.is_empty() {
+            warn!(?problems, "health: some links are not connected");
+        }
+        Ok(HealthCheckResponse {
+            healthy: true,
+            message: (!problems.is_empty()).then(|| problems.join("; ")),
+        })
+    }
+
+    async fn shutdown(&self) -> anyhow::Result<()> {
+        let (handlers, consumers) = {
+            let mut links = self.links();
+            links.pool.clear();
+            links.errors.clear();
+            (std::mem::take(&mut links.handlers), std::mem::take(&mut links.consumers))
+        };
+        let mut conns: Vec<Arc<Connection>> = handlers
+            .values()
+            .map(|h| Arc::clone(&h.conn))
+            .chain(consumers.values().filter_map(|c| c.conn.clone()))
+            .collect();
+        conns.sort_by_key(|c| c.session.id);
+        conns.dedup_by_key(|c| c.session.id);
+        join_all(conns.iter().map(|c| c.close(SHUTDOWN_GRACE))).await;
+        drop((handlers, consumers));
+        self.inner.clients.lock().await.clear();
+        info!("websocket messaging provider shut down");
+        Ok(())
+    }
+}

@@ -1,0 +1,316 @@
+//! One client-mode WebSocket connection, kept up for as long as its owner wants it.
+//!
+//! [`run`] connects (with the upgrade headers and a connect timeout), then reads and writes
+//! concurrently until the socket drops, and reconnects with exponential backoff and full jitter.
+//! Inbound text and binary frames go to a [`FrameSink`] one at a time, in order: the next frame
+//! is not read until the sink is done with the previous one, so a slow component slows the
+//! socket instead of growing a queue. Outbound frames come from a bounded queue; the writer feeds
+//! every frame that is ready and flushes once, and acknowledges each frame after the flush.
+//! Cancelling the token sends a close frame and ends the task.
+//!
+//! This module knows nothing of wasmCloud or sessions.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{header, HeaderName, HeaderValue};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::Endpoint;
+
+/// How many ready frames the writer feeds before it flushes.
+const WRITE_BATCH: usize = 64;
+/// How long the close handshake may take when the owner cancels.
+const CLOSE_GRACE: Duration = Duration::from_millis(200);
+/// A connection that stayed up this long resets the reconnect backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(5);
+
+/// A frame to write, with an optional acknowledgement sent once it was flushed (or failed).
+#[derive(Debug)]
+pub struct Outbound {
+    pub message: Message,
+    pub ack: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+/// Where inbound data frames go.
+pub trait FrameSink: Send + Sync + 'static {
+    /// Handles one text (`text == true`) or binary frame. The next frame is read after this ends.
+    fn frame(&self, payload: Bytes, text: bool) -> impl Future<Output = ()> + Send;
+}
+
+/// The connection state that the owner can watch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConnState {
+    Connecting,
+    Connected { since: SystemTime },
+    Disconnected { error: String },
+}
+
+/// Everything needed to open and keep one client connection.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    pub endpoint: Endpoint,
+    pub connect_timeout: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub max_message_bytes: usize,
+}
+
+impl ClientOptions {
+    fn ws_config(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(8 * 1024)
+            .write_buffer_size(16 * 1024)
+            .max_write_buffer_size(self.max_message_bytes.saturating_mul(4).max(1 << 20))
+            .max_message_size(Some(self.max_message_bytes))
+            .max_frame_size(Some(self.max_message_bytes))
+    }
+}
+
+/// Builds the upgrade request: URI, `HEADER_*` headers and `Authorization: Bearer`.
+fn upgrade_request(
+    endpoint: &Endpoint,
+) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, String> {
+    let mut request = endpoint
+        .uri
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("bad URI {:?}: {e}", endpoint.uri))?;
+    let headers = request.headers_mut();
+    for (name, value) in &endpoint.headers {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("bad header name {name:?}"))?;
+        let value =
+            HeaderValue::from_str(value).map_err(|_| format!("bad value for header {name}"))?;
+        headers.insert(name, value);
+    }
+    if let Some(token) = &endpoint.auth_token {
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+            .map_err(|_| "AUTH_TOKEN is not a valid header value".to_string())?;
+        value.set_sensitive(true);
+        headers.insert(header::AUTHORIZATION, value);
+    }
+    Ok(request)
+}
+
+/// Exponential backoff with full jitter: each delay is uniform in `[0, min(max, min * 2^n)]`.
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
+        let ceiling = self.min.saturating_mul(factor).min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let ceiling_ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(fastrand::u64(0..=ceiling_ms))
+    }
+}
+
+enum End {
+    Cancelled,
+    Dropped(String),
+}
+
+/// Runs the connection until `cancel` fires. Never returns early on errors: it reconnects.
+pub async fn run<S: FrameSink>(
+    options: ClientOptions,
+    sink: Arc<S>,
+    mut outbound: mpsc::Receiver<Outbound>,
+    state: watch::Sender<ConnState>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Backoff {
+        min: options.reconnect_min,
+        max: options.reconnect_max,
+        attempt: 0,
+    };
+    loop {
+        state.send_replace(ConnState::Connecting);
+        let attempt = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = tokio::time::timeout(options.connect_timeout, connect(&options)) => r,
+        };
+        let error = match attempt {
+            Ok(Ok(ws)) => {
+                let up_at = Instant::now();
+                info!(uri = %options.endpoint.uri, "websocket connected");
+                state.send_replace(ConnState::Connected {
+                    since: SystemTime::now(),
+                });
+                match serve(ws, sink.as_ref(), &mut outbound, &cancel).await {
+                    End::Cancelled => return,
+                    End::Dropped(reason) => {
+                        if up_at.elapsed() >= STABLE_AFTER {
+                            backoff.attempt = 0;
+                        }
+                        reason
+                    }
+                }
+            }
+            Ok(Err(e)) => e,
+            Err(_) => format!(
+                "connect timed out after {} s",
+                options.connect_timeout.as_secs()
+            ),
+        };
+        state.send_replace(ConnState::Disconnected {
+            error: error.clone(),
+        });
+        // Frames queued for the dead socket are reported, not silently kept or lost.
+        while let Ok(pending) = outbound.try_recv() {
+            if let Some(ack) = pending.ack {
+                let _ = ack.send(Err(format!("connection lost: {error}")));
+            }
+        }
+        let delay = backoff.next();
+        warn!(uri = %options.endpoint.uri, %error, ?delay, "websocket disconnected; will reconnect");
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<
+    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+>;
+
+async fn connect(options: &ClientOptions) -> Result<Ws, String> {
+    let request = upgrade_request(&options.endpoint)?;
+    let (ws, _response) = tokio_tungstenite::connect_async_tls_with_config(
+        request,
+        Some(options.ws_config()),
+        true,
+        None,
+    )
+    .await
+    .map_err(|e| format!("connect failed: {e}"))?;
+    Ok(ws)
+}
+
+async fn serve<S: FrameSink>(
+    ws: Ws,
+    sink: &S,
+    outbound: &mut mpsc::Receiver<Outbound>,
+    cancel: &CancellationToken,
+) -> End {
+    let (mut writer, mut reader) = ws.split();
+    let read = async {
+        while let Some(next) = reader.next().await {
+            match next {
+                Ok(Message::Text(text)) => sink.frame(Bytes::from(text), true).await,
+                Ok(Message::Binary(data)) => sink.frame(data, false).await,
+                Ok(Message::Close(frame)) => {
+                    return match frame {
+                        Some(f) => format!("peer closed with code {} {:?}", u16::from(f.code), f.reason.as_str()),
+                        None => "peer closed".to_string(),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return format!("read failed: {e}"),
+            }
+        }
+        "connection closed".to_string()
+    };
+    let write = write_loop(&mut writer, outbound);
+    let result = tokio::select! {
+        () = cancel.cancelled() => None,
+        reason = read => Some(reason),
+        reason = write => Some(reason),
+    };
+    match result {
+        Some(reason) => End::Dropped(reason),
+        None => {
+            let close = Message::Close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "closed by the provider".into(),
+            }));
+            if tokio::time::timeout(CLOSE_GRACE, writer.send(close)).await.is_err() {
+                debug!("close frame could not be written in time");
+            }
+            End::Cancelled
+        }
+    }
+}
+
+/// Writes queued frames: feeds every frame that is ready, flushes once, then acknowledges.
+async fn write_loop<W>(writer: &mut W, outbound: &mut mpsc::Receiver<Outbound>) -> String
+where
+    W: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    let mut acks = Vec::with_capacity(WRITE_BATCH);
+    loop {
+        let Some(first) = outbound.recv().await else {
+            return "send queue closed".to_string();
+        };
+        let mut next = Some(first);
+        let mut result = Ok(());
+        while let Some(item) = next.take() {
+            acks.extend(item.ack);
+            if let Err(e) = writer.feed(item.message).await {
+                result = Err(format!("write failed: {e}"));
+                break;
+            }
+            if acks.len() < WRITE_BATCH {
+                next = outbound.try_recv().ok();
+            }
+        }
+        if result.is_ok() {
+            result = writer
+                .flush()
+                .await
+                .map_err(|e| format!("write failed: {e}"));
+        }
+        for ack in acks.drain(..) {
+            let _ = ack.send(result.clone());
+        }
+        if let Err(e) = result {
+            return e;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_stays_within_its_ceiling() {
+        let mut b = Backoff {
+            min: Duration::from_millis(100),
+            max: Duration::from_millis(1000),
+            attempt: 0,
+        };
+        let ceilings = [100, 200, 400, 800, 1000, 1000, 1000];
+        for ceiling in ceilings {
+            let d = b.next();
+            assert!(d <= Duration::from_millis(ceiling), "{d:?} > {ceiling}");
+        }
+    }
+
+    #[test]
+    fn upgrade_request_carries_headers_and_token() {
+        let endpoint = Endpoint {
+            uri: "ws://127.0.0.1:1/x".into(),
+            auth_token: Some(crate::config::Secret::new("t0k")),
+            headers: [("x-one".to_string(), "1".to_string())].into(),
+        };
+        let req = upgrade_request(&endpoint).expect("request");
+        assert_eq!(req.headers()["authorization"], "Bearer t0k");
+        assert!(req.headers()["authorization"].is_sensitive());
+        assert_eq!(req.headers()["x-one"], "1");
+    }
+}
