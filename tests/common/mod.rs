@@ -1,0 +1,312 @@
+//! Test harness: a real `nats-server`, a real in-process wasmCloud host, the provider started from
+//! a PAR of the freshly built binary, real `wasm32-wasip2` test components, and real WebSocket
+//! peers (tokio-tungstenite servers in the test process).
+#![allow(dead_code)]
+
+pub mod ws;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
+use wasmcloud_test_util::control_interface::{Client as CtlClient, ClientBuilder};
+use wasmcloud_test_util::lattice::link::{assert_advertise_link, assert_remove_link};
+use wasmcloud_test_util::provider::StartProviderArgs;
+use wasmcloud_test_util::{
+    assert_config_put, assert_scale_component, assert_start_provider, WasmCloudTestHost,
+};
+
+pub const LATTICE: &str = "default";
+pub const PROVIDER_ID: &str = "ws-messaging";
+
+/// A `nats-server` child process with JetStream, on its own port and store; killed on drop.
+pub struct Nats {
+    pub url: String,
+    pub port: u16,
+    child: tokio::process::Child,
+    _store: tempfile::TempDir,
+}
+
+pub fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+impl Nats {
+    pub async fn start() -> Result<Self> {
+        Self::start_on(free_port()?).await
+    }
+
+    pub async fn start_on(port: u16) -> Result<Self> {
+        let store = tempfile::tempdir()?;
+        let bin = std::env::var("TEST_NATS_BIN").unwrap_or_else(|_| "nats-server".into());
+        let child = tokio::process::Command::new(&bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("failed to start {bin}: install nats-server (apt-get install nats-server)"))?;
+        let url = format!("nats://127.0.0.1:{port}");
+        wasmcloud_test_util::nats::wait_for_nats_connection(&url)
+            .await
+            .context("nats-server did not come up")?;
+        Ok(Self {
+            url,
+            port,
+            child,
+            _store: store,
+        })
+    }
+
+    pub async fn stop(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Builds the test component once per test binary and returns the `.wasm` path.
+pub fn component(name: &str) -> Result<PathBuf> {
+    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    let dir = BUILT
+        .get_or_init(|| build_components().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))?;
+    let path = dir.join(format!("{name}.wasm"));
+    ensure!(path.exists(), "no component at {}", path.display());
+    Ok(path)
+}
+
+fn build_components() -> Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("components");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    for crate_dir in ["tests/components/echo"] {
+        let status = std::process::Command::new(&cargo)
+            .current_dir(root.join(crate_dir))
+            .args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"])
+            .arg(&target_dir)
+            .status()
+            .with_context(|| format!("failed to run cargo for {crate_dir}"))?;
+        ensure!(status.success(), "building {crate_dir} for wasm32-wasip2 failed");
+    }
+    Ok(target_dir.join("wasm32-wasip2").join("release"))
+}
+
+/// Writes a PAR holding the freshly built provider binary.
+pub async fn provider_par(dir: &Path) -> Result<PathBuf> {
+    let bin = std::fs::read(env!("CARGO_BIN_EXE_messaging-websocket-provider"))
+        .context("failed to read the provider binary")?;
+    let mut par = provider_archive::ProviderArchive::new("messaging-websocket", "test", None, None);
+    par.add_library(
+        &format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
+        &bin,
+    )
+    .map_err(|e| anyhow!("{e}"))?;
+    let path = dir.join("provider.par");
+    par.write(
+        &path,
+        &nkeys::KeyPair::new_account(),
+        &nkeys::KeyPair::new_service(),
+        false,
+    )
+    .await
+    .map_err(|e| anyhow!("{e}"))?;
+    Ok(path)
+}
+
+/// One complete environment: NATS, host, provider. Tests add components, config and links.
+pub struct Env {
+    pub nats: Nats,
+    host: Option<WasmCloudTestHost>,
+    pub ctl: CtlClient,
+    pub client: async_nats::Client,
+    pub host_id: String,
+    tmp: tempfile::TempDir,
+}
+
+impl Env {
+    pub async fn start() -> Result<Self> {
+        let nats = Nats::start().await?;
+        let tmp = tempfile::tempdir()?;
+        let host = WasmCloudTestHost::start(&nats.url, LATTICE)
+            .await
+            .context("failed to start the wasmCloud host")?;
+        let client = async_nats::connect(&nats.url).await?;
+        let ctl = ClientBuilder::new(client.clone())
+            .lattice(LATTICE.to_string())
+            .build();
+        let host_id = host.host_id();
+        let env = Self {
+            nats,
+            host: Some(host),
+            ctl,
+            client,
+            host_id,
+            tmp,
+        };
+        env.start_provider(&[]).await?;
+        Ok(env)
+    }
+
+    pub async fn start_provider(&self, config: &[&str]) -> Result<()> {
+        let par = provider_par(self.tmp.path()).await?;
+        let url = url::Url::from_file_path(&par).map_err(|()| anyhow!("bad PAR path"))?;
+        assert_start_provider(StartProviderArgs {
+            client: &self.ctl,
+            host_id: &self.host_id,
+            provider_id: PROVIDER_ID,
+            provider_ref: url.as_str(),
+            config: config.iter().map(|s| s.to_string()).collect(),
+        })
+        .await
+        .context("provider did not start healthy")
+    }
+
+    /// Starts `count` instances of test component `name` under the ID `id`.
+    pub async fn component(&self, name: &str, id: &str) -> Result<()> {
+        let path = component(name)?;
+        assert_scale_component(
+            &self.ctl,
+            &self.host_id,
+            format!("file://{}", path.display()),
+            id,
+            None,
+            1,
+            vec![],
+            Duration::from_secs(60),
+        )
+        .await
+        .with_context(|| format!("failed to scale component {id}"))
+    }
+
+    pub async fn config(&self, name: &str, pairs: &[(&str, &str)]) -> Result<()> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_config_put(&self.ctl, name, map).await
+    }
+
+    /// Links provider -> component on `handler`, with the named source config.
+    pub async fn link_handler(&self, component: &str, link: &str, config: &[&str]) -> Result<()> {
+        let resp = assert_advertise_link(
+            &self.ctl,
+            PROVIDER_ID,
+            component,
+            link,
+            "wasmcloud",
+            "messaging",
+            vec!["handler".into()],
+            config.iter().map(|s| s.to_string()).collect(),
+            vec![],
+        )
+        .await?;
+        ensure!(resp.succeeded(), "handler link put failed: {}", resp.message());
+        Ok(())
+    }
+
+    /// Links component -> provider on `consumer`, with the named target config.
+    pub async fn link_consumer(&self, component: &str, link: &str, config: &[&str]) -> Result<()> {
+        let resp = assert_advertise_link(
+            &self.ctl,
+            component,
+            PROVIDER_ID,
+            link,
+            "wasmcloud",
+            "messaging",
+            vec!["consumer".into()],
+            vec![],
+            config.iter().map(|s| s.to_string()).collect(),
+        )
+        .await?;
+        ensure!(resp.succeeded(), "consumer link put failed: {}", resp.message());
+        Ok(())
+    }
+
+    pub async fn unlink_handler(&self, link: &str) -> Result<()> {
+        assert_remove_link(&self.ctl, PROVIDER_ID, "wasmcloud", "messaging", link).await
+    }
+
+    pub async fn unlink_consumer(&self, component: &str, link: &str) -> Result<()> {
+        assert_remove_link(&self.ctl, component, "wasmcloud", "messaging", link).await
+    }
+
+    /// Asks the provider for its health, as the host does.
+    pub async fn health(&self) -> Result<(bool, Option<String>)> {
+        let subject = format!("wasmbus.rpc.{LATTICE}.{PROVIDER_ID}.health");
+        let reply = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.client.request(subject, "".into()),
+        )
+        .await
+        .context("health request timed out")??;
+        let value: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+        let healthy = value["healthy"].as_bool().context("no healthy field")?;
+        Ok((healthy, value["message"].as_str().map(str::to_string)))
+    }
+
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(host) = self.host.take() {
+            host.stop().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // A test that failed may not have stopped the host: kill the provider processes it
+        // started (they would otherwise outlive the test and keep reconnecting to NATS).
+        kill_children_matching(&self.host_id);
+    }
+}
+
+/// Kills child processes of this test process whose command line mentions `needle`.
+fn kill_children_matching(needle: &str) {
+    let me = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let pid = entry.file_name().to_string_lossy().to_string();
+        if pid.parse::<u32>().is_err() {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Field 4 (after the parenthesised command) is the parent PID.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_string));
+        if ppid.as_deref() != Some(me.as_str()) {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(needle) {
+            let _ = std::process::Command::new("kill").args(["-9", &pid]).status();
+        }
+    }
+}
+
+/// Waits until `check` passes, polling, or fails with the last error after `timeout`.
+pub async fn eventually<F, Fut, T>(timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                bail!("condition not met within {timeout:?}: {e:#}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}

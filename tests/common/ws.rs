@@ -1,0 +1,132 @@
+//! A real WebSocket server peer for the provider's client connections.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use futures::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::http::HeaderMap;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+/// One accepted connection: the upgrade request's headers and path, and the socket.
+pub struct Peer {
+    pub headers: HeaderMap,
+    pub path: String,
+    pub ws: WebSocketStream<TcpStream>,
+}
+
+/// A listening WebSocket server; each accepted upgrade arrives on `accept()`.
+pub struct Server {
+    pub port: u16,
+    peers: mpsc::UnboundedReceiver<Peer>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Server {
+    pub async fn start() -> Result<Self> {
+        Self::start_on(0).await
+    }
+
+    pub async fn start_on(port: u16) -> Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+        let port = listener.local_addr()?.port();
+        let (tx, peers) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut seen = None;
+                    let callback = |req: &Request, resp: Response| {
+                        seen = Some((req.headers().clone(), req.uri().path().to_string()));
+                        Ok(resp)
+                    };
+                    if let Ok(ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await {
+                        if let Some((headers, path)) = seen {
+                            let _ = tx.send(Peer { headers, path, ws });
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Self { port, peers, task })
+    }
+
+    pub fn uri(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    /// Waits for the next client connection.
+    pub async fn accept(&mut self) -> Result<Peer> {
+        tokio::time::timeout(Duration::from_secs(30), self.peers.recv())
+            .await
+            .context("no connection from the provider within 30 s")?
+            .context("server stopped")
+    }
+
+    /// Asserts that no further connection arrives within `wait`.
+    pub async fn expect_no_connection(&mut self, wait: Duration) -> Result<()> {
+        match tokio::time::timeout(wait, self.peers.recv()).await {
+            Ok(Some(_)) => bail!("an unexpected second connection arrived"),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Peer {
+    pub async fn send_text(&mut self, text: &str) -> Result<()> {
+        self.ws.send(Message::text(text)).await?;
+        Ok(())
+    }
+
+    pub async fn send_binary(&mut self, data: Vec<u8>) -> Result<()> {
+        self.ws.send(Message::binary(data)).await?;
+        Ok(())
+    }
+
+    /// The next text, binary or close message (pings and pongs are skipped).
+    pub async fn next_message(&mut self, wait: Duration) -> Result<Message> {
+        tokio::time::timeout(wait, async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(m)) => return Ok(m),
+                    Some(Err(e)) => bail!("read failed: {e}"),
+                    None => bail!("socket closed without a close frame"),
+                }
+            }
+        })
+        .await
+        .context("no message within the wait")?
+    }
+
+    /// The next message, which must be a text frame.
+    pub async fn recv_text(&mut self) -> Result<String> {
+        match self.next_message(Duration::from_secs(15)).await? {
+            Message::Text(t) => Ok(t.to_string()),
+            other => bail!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// Asserts that no data frame arrives within `wait`.
+    pub async fn expect_silence(&mut self, wait: Duration) -> Result<()> {
+        match self.next_message(wait).await {
+            Ok(m) => bail!("unexpected message: {m:?}"),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Sends `text` and returns the text the component sends back.
+    pub async fn round_trip(&mut self, text: &str) -> Result<String> {
+        self.send_text(text).await?;
+        self.recv_text().await
+    }
+}
