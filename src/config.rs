@@ -230,7 +230,10 @@ impl ProviderDefaults {
         let reconnect_min = ms(RECONNECT_MIN_MS, DEFAULT_RECONNECT_MIN)?;
         let reconnect_max = ms(RECONNECT_MAX_MS, DEFAULT_RECONNECT_MAX)?;
         if reconnect_max < reconnect_min {
-            return Err(err(RECONNECT_MAX_MS, "must not be less than RECONNECT_MIN_MS"));
+            return Err(err(
+                RECONNECT_MAX_MS,
+                "must not be less than RECONNECT_MIN_MS",
+            ));
         }
         let max_message_bytes = match get(MAX_MESSAGE_BYTES) {
             Some(v) => usize::try_from(parse_positive(MAX_MESSAGE_BYTES, v)?)
@@ -317,8 +320,12 @@ mod tests {
             .collect()
     }
 
-    fn parse(provider: &[(&str, &str)], link: &[(&str, &str)]) -> Result<LinkSettings, ConfigError> {
-        ProviderDefaults::new(&map(provider), &HashMap::new()).link_settings(&map(link), &HashMap::new())
+    fn parse(
+        provider: &[(&str, &str)],
+        link: &[(&str, &str)],
+    ) -> Result<LinkSettings, ConfigError> {
+        ProviderDefaults::new(&map(provider), &HashMap::new())
+            .link_settings(&map(link), &HashMap::new())
     }
 
     #[test]
@@ -336,7 +343,11 @@ mod tests {
     fn link_overrides_provider_and_keys_ignore_case() {
         let s = parse(
             &[("uri", "ws://a:1"), ("connect_timeout_sec", "5")],
-            &[("Uri", "wss://b:2/x"), ("subject", "in"), ("Enable_Session_Tracking", "false")],
+            &[
+                ("Uri", "wss://b:2/x"),
+                ("subject", "in"),
+                ("Enable_Session_Tracking", "false"),
+            ],
         )
         .expect("parse");
         assert_eq!(s.endpoint.uri, "wss://b:2/x");
@@ -349,12 +360,24 @@ mod tests {
     #[test]
     fn headers_keep_their_name_and_tokens_come_from_secrets_first() {
         let mut secrets = HashMap::new();
-        secrets.insert("auth_token".to_string(), SecretValue::String("from-secret".into()));
+        secrets.insert(
+            "auth_token".to_string(),
+            SecretValue::String("from-secret".into()),
+        );
         let s = ProviderDefaults::default()
-            .link_settings(&map(&[("HEADER_X-Trace", "t1"), ("AUTH_TOKEN", "plain")]), &secrets)
+            .link_settings(
+                &map(&[("HEADER_X-Trace", "t1"), ("AUTH_TOKEN", "plain")]),
+                &secrets,
+            )
             .expect("parse");
-        assert_eq!(s.endpoint.headers.get("x-trace").map(String::as_str), Some("t1"));
-        assert_eq!(s.endpoint.auth_token.as_ref().map(Secret::expose), Some("from-secret"));
+        assert_eq!(
+            s.endpoint.headers.get("x-trace").map(String::as_str),
+            Some("t1")
+        );
+        assert_eq!(
+            s.endpoint.auth_token.as_ref().map(Secret::expose),
+            Some("from-secret")
+        );
         assert!(!format!("{s:?}").contains("from-secret"));
     }
 

@@ -87,7 +87,10 @@ impl Links {
     }
 
     fn component_has_links(&self, component: &str) -> bool {
-        self.handlers.keys().chain(self.consumers.keys()).any(|(c, _)| c == component)
+        self.handlers
+            .keys()
+            .chain(self.consumers.keys())
+            .any(|(c, _)| c == component)
     }
 }
 
@@ -136,7 +139,11 @@ impl WsProvider {
     }
 
     fn settings(&self, link: &LinkConfig<'_>) -> Result<LinkSettings, crate::config::ConfigError> {
-        let defaults = self.inner.defaults.read().unwrap_or_else(|e| e.into_inner());
+        let defaults = self
+            .inner
+            .defaults
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
         defaults.link_settings(link.config, link.secrets)
     }
 
@@ -154,7 +161,11 @@ impl WsProvider {
     }
 
     /// Finds or opens the connection of `component` for `settings`.
-    async fn connection(&self, component: &str, settings: &LinkSettings) -> anyhow::Result<Arc<Connection>> {
+    async fn connection(
+        &self,
+        component: &str,
+        settings: &LinkSettings,
+    ) -> anyhow::Result<Arc<Connection>> {
         if let Some(conn) = self.links().connection_for(component, &settings.endpoint) {
             return Ok(conn);
         }
@@ -172,9 +183,10 @@ impl WsProvider {
             Arc::clone(&self.inner.stats),
         );
         links.prune_pool();
-        links
-            .pool
-            .insert((component.to_string(), settings.endpoint.clone()), Arc::downgrade(&conn));
+        links.pool.insert(
+            (component.to_string(), settings.endpoint.clone()),
+            Arc::downgrade(&conn),
+        );
         info!(component, session = %conn.session.id, uri = %settings.endpoint.uri, "opened connection");
         Ok(conn)
     }
@@ -184,7 +196,12 @@ impl WsProvider {
         self.links().errors.insert((direction, key), error);
     }
 
-    async fn put_handler_link(&self, component: &str, link_name: &str, link: &LinkConfig<'_>) -> anyhow::Result<()> {
+    async fn put_handler_link(
+        &self,
+        component: &str,
+        link_name: &str,
+        link: &LinkConfig<'_>,
+    ) -> anyhow::Result<()> {
         let key = (component.to_string(), link_name.to_string());
         let settings = match self.settings(link) {
             Ok(s) => s,
@@ -210,7 +227,12 @@ impl WsProvider {
         Ok(())
     }
 
-    async fn put_consumer_link(&self, component: &str, link_name: &str, link: &LinkConfig<'_>) -> anyhow::Result<()> {
+    async fn put_consumer_link(
+        &self,
+        component: &str,
+        link_name: &str,
+        link: &LinkConfig<'_>,
+    ) -> anyhow::Result<()> {
         let key = (component.to_string(), link_name.to_string());
         let settings = match self.settings(link) {
             Ok(s) => s,
@@ -231,7 +253,9 @@ impl WsProvider {
             .then_some(settings.frame_type);
         let mut links = self.links();
         links.errors.remove(&(Direction::Consumer, key.clone()));
-        links.consumers.insert(key, ConsumerLink { conn, frame_type });
+        links
+            .consumers
+            .insert(key, ConsumerLink { conn, frame_type });
         Ok(())
     }
 
@@ -252,7 +276,13 @@ impl WsProvider {
         if drop_client {
             self.inner.clients.lock().await.remove(component);
         }
-        info!(direction = direction.as_str(), component, link = link_name, removed_any, "link deleted");
+        info!(
+            direction = direction.as_str(),
+            component,
+            link = link_name,
+            removed_any,
+            "link deleted"
+        );
     }
 
     /// Chooses the session a component's publish goes to.
@@ -267,7 +297,9 @@ impl WsProvider {
         subject: &str,
     ) -> Result<(Arc<Session>, FrameType), String> {
         let links = self.links();
-        let consumer = links.consumers.get(&(component.to_string(), link_name.to_string()));
+        let consumer = links
+            .consumers
+            .get(&(component.to_string(), link_name.to_string()));
         let frame_type_override = consumer.and_then(|c| c.frame_type);
         if let Some(id) = parse_session_subject(subject) {
             let session = self
@@ -280,7 +312,10 @@ impl WsProvider {
         }
         if let Some(conn) = consumer.and_then(|c| c.conn.as_ref()) {
             let session = Arc::clone(&conn.session);
-            return Ok((Arc::clone(&session), frame_type_override.unwrap_or(session.frame_type)));
+            return Ok((
+                Arc::clone(&session),
+                frame_type_override.unwrap_or(session.frame_type),
+            ));
         }
         let mut sessions: Vec<&Arc<Session>> = links
             .handlers
@@ -308,18 +343,18 @@ impl WsProvider {
         let mut problems: Vec<String> = links
             .errors
             .iter()
-            .map(|((dir, (component, link)), e)| format!("{} link {link:?} of {component}: {e}", dir.as_str()))
+            .map(|((dir, (component, link)), e)| {
+                format!("{} link {link:?} of {component}: {e}", dir.as_str())
+            })
             .collect();
-        let conns = links
-            .handlers
-            .iter()
-            .map(|(k, h)| (Direction::Handler, k, &h.conn))
-            .chain(
-                links
-                    .consumers
-                    .iter()
-                    .filter_map(|(k, c)| c.conn.as_ref().map(|conn| (Direction::Consumer, k, conn))),
-            );
+        let conns =
+            links
+                .handlers
+                .iter()
+                .map(|(k, h)| (Direction::Handler, k, &h.conn))
+                .chain(links.consumers.iter().filter_map(|(k, c)| {
+                    c.conn.as_ref().map(|conn| (Direction::Consumer, k, conn))
+                }));
         for (dir, (component, link), conn) in conns {
             match conn.session.state() {
                 ConnState::Connected { .. } => {}
@@ -342,28 +377,47 @@ impl WsProvider {
 impl Provider for WsProvider {
     async fn init(&self, init: impl ProviderInitConfig) -> anyhow::Result<()> {
         let defaults = ProviderDefaults::new(init.get_config(), init.get_secrets());
-        *self.inner.defaults.write().unwrap_or_else(|e| e.into_inner()) = defaults;
-        info!(provider = init.get_provider_id(), "websocket messaging provider initialized");
+        *self
+            .inner
+            .defaults
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = defaults;
+        info!(
+            provider = init.get_provider_id(),
+            "websocket messaging provider initialized"
+        );
         Ok(())
     }
 
     #[instrument(level = "debug", skip_all, fields(component = link.target_id, link = link.link_name))]
     async fn receive_link_config_as_source(&self, link: LinkConfig<'_>) -> anyhow::Result<()> {
-        self.put_handler_link(link.target_id, link.link_name, &link).await
+        self.put_handler_link(link.target_id, link.link_name, &link)
+            .await
     }
 
     #[instrument(level = "debug", skip_all, fields(component = link.source_id, link = link.link_name))]
     async fn receive_link_config_as_target(&self, link: LinkConfig<'_>) -> anyhow::Result<()> {
-        self.put_consumer_link(link.source_id, link.link_name, &link).await
+        self.put_consumer_link(link.source_id, link.link_name, &link)
+            .await
     }
 
     async fn delete_link_as_source(&self, info: impl LinkDeleteInfo) -> anyhow::Result<()> {
-        self.remove_link(Direction::Handler, info.get_target_id(), info.get_link_name()).await;
+        self.remove_link(
+            Direction::Handler,
+            info.get_target_id(),
+            info.get_link_name(),
+        )
+        .await;
         Ok(())
     }
 
     async fn delete_link_as_target(&self, info: impl LinkDeleteInfo) -> anyhow::Result<()> {
-        self.remove_link(Direction::Consumer, info.get_source_id(), info.get_link_name()).await;
+        self.remove_link(
+            Direction::Consumer,
+            info.get_source_id(),
+            info.get_link_name(),
+        )
+        .await;
         Ok(())
     }
 
@@ -383,7 +437,10 @@ impl Provider for WsProvider {
             let mut links = self.links();
             links.pool.clear();
             links.errors.clear();
-            (std::mem::take(&mut links.handlers), std::mem::take(&mut links.consumers))
+            (
+                std::mem::take(&mut links.handlers),
+                std::mem::take(&mut links.consumers),
+            )
         };
         let mut conns: Vec<Arc<Connection>> = handlers
             .values()

@@ -218,16 +218,28 @@ mod tests {
 
     #[test]
     fn auto_frames_pick_text_for_utf8_only() {
-        assert!(matches!(encode(Bytes::from_static(b"hi"), FrameType::Auto), Ok(Message::Text(_))));
-        assert!(matches!(encode(Bytes::from_static(&[0xff]), FrameType::Auto), Ok(Message::Binary(_))));
+        assert!(matches!(
+            encode(Bytes::from_static(b"hi"), FrameType::Auto),
+            Ok(Message::Text(_))
+        ));
+        assert!(matches!(
+            encode(Bytes::from_static(&[0xff]), FrameType::Auto),
+            Ok(Message::Binary(_))
+        ));
         assert!(encode(Bytes::from_static(&[0xff]), FrameType::Text).is_err());
-        assert!(matches!(encode(Bytes::from_static(b"hi"), FrameType::Binary), Ok(Message::Binary(_))));
+        assert!(matches!(
+            encode(Bytes::from_static(b"hi"), FrameType::Binary),
+            Ok(Message::Binary(_))
+        ));
     }
 
     #[tokio::test]
     async fn send_on_a_disconnected_session_is_an_error() {
         let s = session("a", true);
-        let e = s.send(Bytes::from_static(b"x"), FrameType::Auto).await.expect_err("not connected");
+        let e = s
+            .send(Bytes::from_static(b"x"), FrameType::Auto)
+            .await
+            .expect_err("not connected");
         assert!(e.contains("not connected"), "{e}");
     }
 }

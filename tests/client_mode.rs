@@ -107,7 +107,9 @@ async fn two_components_each_get_only_their_own_traffic() -> Result<()> {
     // Alice may not write to Bob's session: the publish fails and Bob sees nothing.
     let bob_session = b.round_trip("!whoami").await?;
     ensure!(bob_session.starts_with("ws.session."), "{bob_session}");
-    let answer = a.round_trip(&format!("!to {bob_session} intrusion")).await?;
+    let answer = a
+        .round_trip(&format!("!to {bob_session} intrusion"))
+        .await?;
     ensure!(answer.starts_with("ERR unknown session"), "{answer}");
     b.expect_silence(SILENCE).await?;
     env.stop().await
@@ -118,13 +120,21 @@ async fn equal_config_in_both_directions_opens_one_socket() -> Result<()> {
     let env = Env::start().await?;
     let mut server = Server::start().await?;
     env.component("test_echo", "shared").await?;
-    env.config("shared-cfg", &[("URI", &server.uri()), ("HEADER_X-Id", "1")])
+    env.config(
+        "shared-cfg",
+        &[("URI", &server.uri()), ("HEADER_X-Id", "1")],
+    )
+    .await?;
+    env.link_consumer("shared", "default", &["shared-cfg"])
         .await?;
-    env.link_consumer("shared", "default", &["shared-cfg"]).await?;
-    env.link_handler("shared", "shared-handler", &["shared-cfg"]).await?;
+    env.link_handler("shared", "shared-handler", &["shared-cfg"])
+        .await?;
 
     let mut peer = server.accept().await?;
-    assert_eq!(peer.round_trip("!plain over the shared socket").await?, "over the shared socket");
+    assert_eq!(
+        peer.round_trip("!plain over the shared socket").await?,
+        "over the shared socket"
+    );
     assert_eq!(peer.round_trip("echo").await?, "echo");
     server.expect_no_connection(Duration::from_secs(2)).await?;
     env.stop().await
@@ -138,8 +148,10 @@ async fn consumer_link_with_its_own_uri_publishes_on_its_own_socket() -> Result<
     env.component("test_echo", "split").await?;
     env.config("split-in", &[("URI", &inbound.uri())]).await?;
     env.config("split-out", &[("URI", &outbound.uri())]).await?;
-    env.link_consumer("split", "default", &["split-out"]).await?;
-    env.link_handler("split", "split-handler", &["split-in"]).await?;
+    env.link_consumer("split", "default", &["split-out"])
+        .await?;
+    env.link_handler("split", "split-handler", &["split-in"])
+        .await?;
 
     let mut in_peer = inbound.accept().await?;
     let mut out_peer = outbound.accept().await?;
@@ -181,11 +193,19 @@ async fn a_wrong_uri_leaves_the_provider_healthy_and_other_links_working() -> Re
     env.component("test_echo", "good").await?;
     env.component("test_echo", "bad").await?;
     env.component("test_echo", "gone").await?;
-    env.config("bad-cfg", &[("URI", "not a uri at all")]).await?;
-    env.config("gone-cfg", &[("URI", "ws://127.0.0.1:1/nobody"), ("reconnect_max_ms", "500")])
+    env.config("bad-cfg", &[("URI", "not a uri at all")])
         .await?;
+    env.config(
+        "gone-cfg",
+        &[
+            ("URI", "ws://127.0.0.1:1/nobody"),
+            ("reconnect_max_ms", "500"),
+        ],
+    )
+    .await?;
     env.link_handler("bad", "bad-handler", &["bad-cfg"]).await?;
-    env.link_handler("gone", "gone-handler", &["gone-cfg"]).await?;
+    env.link_handler("gone", "gone-handler", &["gone-cfg"])
+        .await?;
     echo_on(&env, &server, "good", "good-handler").await?;
     let mut peer = server.accept().await?;
     assert_eq!(peer.round_trip("still fine").await?, "still fine");
@@ -194,13 +214,19 @@ async fn a_wrong_uri_leaves_the_provider_healthy_and_other_links_working() -> Re
         let (healthy, message) = env.health().await?;
         ensure!(healthy, "provider reported unhealthy");
         let message = message.unwrap_or_default();
-        ensure!(message.contains("bad-handler") && message.contains("gone-handler"), "{message}");
+        ensure!(
+            message.contains("bad-handler") && message.contains("gone-handler"),
+            "{message}"
+        );
         Ok(message)
     })
     .await?;
     ensure!(message.contains("invalid config URI"), "{message}");
     ensure!(!message.contains("good-handler"), "{message}");
-    assert_eq!(peer.round_trip("after the health check").await?, "after the health check");
+    assert_eq!(
+        peer.round_trip("after the health check").await?,
+        "after the health check"
+    );
 
     // Removing the broken links clears the report.
     env.unlink_handler("bad-handler").await?;

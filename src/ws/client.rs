@@ -184,9 +184,8 @@ pub async fn run<S: FrameSink>(
     }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(options: &ClientOptions) -> Result<Ws, String> {
     let request = upgrade_request(&options.endpoint)?;
@@ -215,7 +214,11 @@ async fn serve<S: FrameSink>(
                 Ok(Message::Binary(data)) => sink.frame(data, false).await,
                 Ok(Message::Close(frame)) => {
                     return match frame {
-                        Some(f) => format!("peer closed with code {} {:?}", u16::from(f.code), f.reason.as_str()),
+                        Some(f) => format!(
+                            "peer closed with code {} {:?}",
+                            u16::from(f.code),
+                            f.reason.as_str()
+                        ),
                         None => "peer closed".to_string(),
                     }
                 }
@@ -238,7 +241,10 @@ async fn serve<S: FrameSink>(
                 code: CloseCode::Normal,
                 reason: "closed by the provider".into(),
             }));
-            if tokio::time::timeout(CLOSE_GRACE, writer.send(close)).await.is_err() {
+            if tokio::time::timeout(CLOSE_GRACE, writer.send(close))
+                .await
+                .is_err()
+            {
                 debug!("close frame could not be written in time");
             }
             End::Cancelled

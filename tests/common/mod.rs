@@ -50,7 +50,9 @@ impl Nats {
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("failed to start {bin}: install nats-server (apt-get install nats-server)"))?;
+            .with_context(|| {
+                format!("failed to start {bin}: install nats-server (apt-get install nats-server)")
+            })?;
         let url = format!("nats://127.0.0.1:{port}");
         wasmcloud_test_util::nats::wait_for_nats_connection(&url)
             .await
@@ -80,26 +82,55 @@ pub fn component(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Cargo's profile directory (`target/debug`), found from this executable's path
+/// (`target/debug/deps/<test>` or `target/debug/examples/<example>`).
+fn profile_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .context("cannot find the target directory")
+}
+
+/// The freshly built provider binary.
+pub fn provider_binary() -> Result<PathBuf> {
+    match option_env!("CARGO_BIN_EXE_messaging-websocket-provider") {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => Ok(profile_dir()?.join("messaging-websocket-provider")),
+    }
+}
+
+/// Crates built for `wasm32-wasip2` by [`component`].
+const COMPONENT_CRATES: &[&str] = &["tests/components/echo", "examples/echo"];
+
 fn build_components() -> Result<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("components");
+    let target_dir = profile_dir()?.join("components");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    for crate_dir in ["tests/components/echo"] {
+    for crate_dir in COMPONENT_CRATES {
         let status = std::process::Command::new(&cargo)
             .current_dir(root.join(crate_dir))
-            .args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"])
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--target-dir",
+            ])
             .arg(&target_dir)
             .status()
             .with_context(|| format!("failed to run cargo for {crate_dir}"))?;
-        ensure!(status.success(), "building {crate_dir} for wasm32-wasip2 failed");
+        ensure!(
+            status.success(),
+            "building {crate_dir} for wasm32-wasip2 failed"
+        );
     }
     Ok(target_dir.join("wasm32-wasip2").join("release"))
 }
 
 /// Writes a PAR holding the freshly built provider binary.
 pub async fn provider_par(dir: &Path) -> Result<PathBuf> {
-    let bin = std::fs::read(env!("CARGO_BIN_EXE_messaging-websocket-provider"))
-        .context("failed to read the provider binary")?;
+    let bin = std::fs::read(provider_binary()?).context("failed to read the provider binary")?;
     let mut par = provider_archive::ProviderArchive::new("messaging-websocket", "test", None, None);
     par.add_library(
         &format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
@@ -205,7 +236,11 @@ impl Env {
             vec![],
         )
         .await?;
-        ensure!(resp.succeeded(), "handler link put failed: {}", resp.message());
+        ensure!(
+            resp.succeeded(),
+            "handler link put failed: {}",
+            resp.message()
+        );
         Ok(())
     }
 
@@ -223,7 +258,11 @@ impl Env {
             config.iter().map(|s| s.to_string()).collect(),
         )
         .await?;
-        ensure!(resp.succeeded(), "consumer link put failed: {}", resp.message());
+        ensure!(
+            resp.succeeded(),
+            "consumer link put failed: {}",
+            resp.message()
+        );
         Ok(())
     }
 
@@ -249,7 +288,18 @@ impl Env {
         Ok((healthy, value["message"].as_str().map(str::to_string)))
     }
 
+    /// Stops the provider (so the host does not restart it), then the host.
     pub async fn stop(mut self) -> Result<()> {
+        let _ = self.ctl.stop_provider(&self.host_id, PROVIDER_ID).await;
+        let _ = eventually(Duration::from_secs(5), || async {
+            let running = std::fs::read_dir("/proc")?.flatten().any(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&self.host_id))
+            });
+            ensure!(!running, "provider still running");
+            Ok(())
+        })
+        .await;
         if let Some(host) = self.host.take() {
             host.stop().await?;
         }
@@ -288,7 +338,9 @@ fn kill_children_matching(needle: &str) {
         }
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         if String::from_utf8_lossy(&cmdline).contains(needle) {
-            let _ = std::process::Command::new("kill").args(["-9", &pid]).status();
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid])
+                .status();
         }
     }
 }
