@@ -20,6 +20,7 @@ pub const ENABLE_SESSION_TRACKING: &str = "ENABLE_SESSION_TRACKING";
 pub const HEADER_PREFIX: &str = "HEADER_";
 pub const SUBJECT: &str = "SUBJECT";
 pub const FRAME_TYPE: &str = "FRAME_TYPE";
+pub const FORMAT: &str = "FORMAT";
 pub const HANDLER_TIMEOUT_MS: &str = "HANDLER_TIMEOUT_MS";
 pub const RECONNECT_MIN_MS: &str = "RECONNECT_MIN_MS";
 pub const RECONNECT_MAX_MS: &str = "RECONNECT_MAX_MS";
@@ -61,6 +62,16 @@ pub enum FrameType {
     Auto,
     Text,
     Binary,
+}
+
+/// How frames map to messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Format {
+    /// A frame's payload is the message body.
+    #[default]
+    Raw,
+    /// Every frame is a JSON envelope with subject, body and reply_to (see `envelope`).
+    Json,
 }
 
 /// A configuration value that could not be used.
@@ -106,6 +117,7 @@ pub struct LinkSettings {
     /// Subject given to inbound messages; `None` means the default `ws.<link name>`.
     pub subject: Option<String>,
     pub frame_type: FrameType,
+    pub format: Format,
     pub handler_timeout: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
@@ -220,6 +232,11 @@ impl ProviderDefaults {
                 ))
             }
         };
+        let format = match get(FORMAT).map(str::to_ascii_lowercase).as_deref() {
+            None | Some("raw") => Format::Raw,
+            Some("json") => Format::Json,
+            Some(other) => return Err(err(FORMAT, format!("expected raw or json, got {other:?}"))),
+        };
         let ms = |key: &str, default: Duration| -> Result<Duration, ConfigError> {
             Ok(match get(key) {
                 Some(v) => Duration::from_millis(parse_positive(key, v)?),
@@ -257,6 +274,7 @@ impl ProviderDefaults {
             session_tracking,
             subject: get(SUBJECT).map(str::to_string),
             frame_type,
+            format,
             handler_timeout,
             reconnect_min,
             reconnect_max,
@@ -390,6 +408,7 @@ mod tests {
             ("CONNECT_TIMEOUT_SEC", "0"),
             ("ENABLE_SESSION_TRACKING", "maybe"),
             ("FRAME_TYPE", "morse"),
+            ("FORMAT", "xml"),
             ("HEADER_bad name", "v"),
             ("HEADER_X", "line\nbreak"),
         ] {

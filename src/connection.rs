@@ -14,7 +14,7 @@ use wasmcloud_provider_sdk::provider::WrpcClient;
 
 use crate::config::LinkSettings;
 use crate::dispatch::Dispatcher;
-use crate::sessions::{Registry, Session};
+use crate::sessions::{Registry, Session, SessionOptions};
 use crate::stats::Stats;
 use crate::ws::client::{self, ClientOptions, ConnState};
 
@@ -26,9 +26,11 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Registers a session for `component_id` and starts connecting it as `settings` say.
+    /// Registers a session for `component_id` and starts connecting it as the settings of
+    /// link `link_name` say.
     pub fn open(
         component_id: &str,
+        link_name: &str,
         settings: &LinkSettings,
         wrpc: WrpcClient,
         registry: Arc<Registry>,
@@ -37,10 +39,14 @@ impl Connection {
         let (state_tx, state_rx) = watch::channel(ConnState::Connecting);
         let (out_tx, out_rx) = mpsc::channel(settings.send_queue_len);
         let session = Arc::new(Session::new(
-            component_id.to_string(),
-            settings.endpoint.uri.clone(),
-            settings.session_tracking,
-            settings.frame_type,
+            SessionOptions {
+                component_id: component_id.to_string(),
+                link_name: link_name.to_string(),
+                remote: settings.endpoint.uri.clone(),
+                tracking: settings.session_tracking,
+                frame_type: settings.frame_type,
+                format: settings.format,
+            },
             state_rx,
             out_tx,
         ));

@@ -14,8 +14,12 @@ use bytes::Bytes;
 use tracing::{debug, warn};
 use wasmcloud_provider_sdk::provider::WrpcClient;
 
+use tokio_tungstenite::tungstenite::Message;
+
 use crate::bindings::wasmcloud::messaging::handler;
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
+use crate::config::Format;
+use crate::envelope;
 use crate::sessions::Session;
 use crate::stats::Stats;
 use crate::ws::client::FrameSink;
@@ -27,19 +31,57 @@ pub struct Dispatcher {
     pub stats: Arc<Stats>,
 }
 
-impl FrameSink for Dispatcher {
-    async fn frame(&self, payload: Bytes, _text: bool) {
+impl Dispatcher {
+    /// Turns a frame into the message for `handle-message`, or `None` when it is not for the
+    /// component (a reply to a pending request, an invalid envelope, no handler link).
+    fn message(&self, payload: Bytes) -> Option<BrokerMessage> {
         let session = &self.session;
+        let (subject, body, reply_to) = match session.format {
+            Format::Raw => (None, payload, session.tracking.then(|| session.subject())),
+            Format::Json => {
+                let envelope = match envelope::decode(&payload) {
+                    Ok(envelope) => envelope,
+                    Err(error) => {
+                        Stats::bump(&self.stats.invalid_envelopes);
+                        warn!(session = %session.id, component = %session.component_id, %error,
+                            "invalid envelope; error frame sent to the peer");
+                        let _ = session.send_nowait(Message::text(envelope::error_frame(&error)));
+                        return None;
+                    }
+                };
+                let envelope = session.resolve_reply(envelope)?;
+                // A peer's reply_to is scoped to its session, so a publish to it can only
+                // reach this peer; without tracking it is passed on as the peer wrote it.
+                let reply_to = if session.tracking {
+                    Some(match &envelope.reply_to {
+                        Some(peer) => format!("{}.{peer}", session.subject()),
+                        None => session.subject(),
+                    })
+                } else {
+                    envelope.reply_to
+                };
+                (Some(envelope.subject), envelope.body, reply_to)
+            }
+        };
         let Some(route) = session.route() else {
             Stats::bump(&self.stats.undeliverable);
             warn!(session = %session.id, component = %session.component_id,
                 "frame arrived on a connection with no handler link; not delivered");
-            return;
+            return None;
         };
-        let message = BrokerMessage {
-            subject: route.subject,
-            body: payload,
-            reply_to: session.tracking.then(|| session.subject()),
+        Some(BrokerMessage {
+            subject: subject.unwrap_or(route.subject),
+            body,
+            reply_to,
+        })
+    }
+}
+
+impl FrameSink for Dispatcher {
+    async fn frame(&self, payload: Bytes, _text: bool) {
+        let session = &self.session;
+        let Some(message) = self.message(payload) else {
+            return;
         };
         let call = handler::handle_message(&self.wrpc, None, &message);
         match tokio::time::timeout(self.timeout, call).await {

@@ -1,16 +1,24 @@
-//! wRPC exports: `wasmcloud:messaging/consumer@0.2.0`.
+//! wRPC exports: `wasmcloud:messaging/consumer@0.2.0` and
+//! `wasmcloud-websocket:provider/sessions@0.1.0`.
 //!
 //! The caller is the component named by the invocation's `source-id`; the link it called on is
 //! the `link-name` header. Every failure a component can cause or fix (no link, not connected,
-//! full queue, unknown session) is returned as `Ok(Err(reason))`, which the component sees as an
-//! error value; `Err` would trap it and is never returned.
+//! full queue, unknown session, timeout) is returned as `Ok(Err(reason))`, which the component
+//! sees as an error value; `Err` would trap it and is never returned.
 
+use std::time::Duration;
+
+use bytes::Bytes;
 use tracing::debug;
+use uuid::Uuid;
 use wasmcloud_provider_sdk::Context;
 
-use crate::bindings::exports::wasmcloud::messaging::consumer::Handler;
+use crate::bindings::exports::wasmcloud::messaging::consumer;
+use crate::bindings::exports::wasmcloud_websocket::provider::sessions::{self, SessionInfo};
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
+use crate::config::Format;
 use crate::provider::WsProvider;
+use crate::sessions::Session;
 use crate::stats::Stats;
 
 fn caller(cx: &Option<Context>) -> Result<(&str, &str), String> {
@@ -22,38 +30,232 @@ fn caller(cx: &Option<Context>) -> Result<(&str, &str), String> {
     Ok((component, cx.link_name()))
 }
 
-impl Handler<Option<Context>> for WsProvider {
-    async fn publish(
-        &self,
-        cx: Option<Context>,
-        msg: BrokerMessage,
-    ) -> anyhow::Result<Result<(), String>> {
-        let result = async {
-            let (component, link_name) = caller(&cx)?;
-            let (session, frame_type) = self.route_publish(component, link_name, &msg.subject)?;
-            debug!(component, link = link_name, session = %session.id, bytes = msg.body.len(), "publish");
-            session.send(msg.body, frame_type).await
-        }
-        .await;
-        match &result {
+impl WsProvider {
+    fn count_publish(&self, result: &Result<(), String>) {
+        match result {
             Ok(()) => Stats::bump(&self.stats().published),
             Err(error) => {
                 Stats::bump(&self.stats().publish_errors);
                 debug!(%error, "publish refused");
             }
         }
+    }
+
+    async fn publish_message(
+        &self,
+        cx: &Option<Context>,
+        msg: BrokerMessage,
+    ) -> Result<(), String> {
+        let (component, link_name) = caller(cx)?;
+        let target = self.route_publish(component, link_name, &msg.subject)?;
+        debug!(component, link = link_name, session = %target.session.id, bytes = msg.body.len(), "publish");
+        let frame = target.session.frame(
+            &target.subject,
+            msg.body,
+            msg.reply_to.as_deref(),
+            target.frame_type,
+        )?;
+        target.session.send(frame).await
+    }
+
+    async fn request_reply(
+        &self,
+        cx: &Option<Context>,
+        subject: &str,
+        body: Bytes,
+        timeout_ms: u32,
+    ) -> Result<BrokerMessage, String> {
+        let (component, link_name) = caller(cx)?;
+        let target = self.route_publish(component, link_name, subject)?;
+        let session = &target.session;
+        if session.format != Format::Json {
+            return Err(format!(
+                "request-reply needs FORMAT=json on the link of session {}; raw frames have no reply subject",
+                session.id
+            ));
+        }
+        let inbox = format!("_INBOX.{}", Uuid::new_v4().simple());
+        let reply = session.expect_reply(inbox.clone())?;
+        let frame = session.frame(&target.subject, body, Some(&inbox), target.frame_type)?;
+        if let Err(e) = session.send(frame).await {
+            session.forget_reply(&inbox);
+            return Err(e);
+        }
+        match tokio::time::timeout(Duration::from_millis(u64::from(timeout_ms)), reply).await {
+            Ok(Ok(envelope)) => Ok(BrokerMessage {
+                subject: envelope.subject,
+                body: envelope.body,
+                reply_to: envelope.reply_to,
+            }),
+            Ok(Err(_)) => Err(format!("session {} ended before the reply", session.id)),
+            Err(_) => {
+                session.forget_reply(&inbox);
+                Err(format!(
+                    "request to {subject:?} timed out after {timeout_ms} ms"
+                ))
+            }
+        }
+    }
+
+    fn session_of(
+        &self,
+        cx: &Option<Context>,
+        id: &str,
+    ) -> Result<std::sync::Arc<Session>, String> {
+        let (component, _) = caller(cx)?;
+        self.owned_session(component, id)
+    }
+}
+
+impl consumer::Handler<Option<Context>> for WsProvider {
+    async fn publish(
+        &self,
+        cx: Option<Context>,
+        msg: BrokerMessage,
+    ) -> anyhow::Result<Result<(), String>> {
+        let result = self.publish_message(&cx, msg).await;
+        self.count_publish(&result);
         Ok(result)
     }
 
     async fn request(
         &self,
-        _cx: Option<Context>,
+        cx: Option<Context>,
         subject: String,
-        _body: bytes::Bytes,
-        _timeout_ms: u32,
+        body: Bytes,
+        timeout_ms: u32,
     ) -> anyhow::Result<Result<BrokerMessage, String>> {
-        Ok(Err(format!(
-            "request to {subject:?} refused: request-reply needs FORMAT=json, which this version does not support yet"
-        )))
+        Ok(self.request_reply(&cx, &subject, body, timeout_ms).await)
+    }
+}
+
+fn to_wit(info: crate::sessions::SessionInfo) -> SessionInfo {
+    SessionInfo {
+        id: info.id.to_string(),
+        link_name: info.link_name,
+        remote: info.remote,
+        connected: info.connected,
+        connected_since_ms: info.connected_since_ms,
+        metadata: info.metadata,
+    }
+}
+
+impl sessions::Handler<Option<Context>> for WsProvider {
+    async fn list_sessions(
+        &self,
+        cx: Option<Context>,
+    ) -> anyhow::Result<Result<Vec<SessionInfo>, String>> {
+        Ok(caller(&cx).map(|(component, _)| {
+            self.owned_sessions(component)
+                .iter()
+                .map(|s| to_wit(s.info()))
+                .collect()
+        }))
+    }
+
+    async fn get_session(
+        &self,
+        cx: Option<Context>,
+        id: String,
+    ) -> anyhow::Result<Result<SessionInfo, String>> {
+        Ok(self.session_of(&cx, &id).map(|s| to_wit(s.info())))
+    }
+
+    async fn send(
+        &self,
+        cx: Option<Context>,
+        id: String,
+        msg: BrokerMessage,
+    ) -> anyhow::Result<Result<(), String>> {
+        let result = async {
+            let session = self.session_of(&cx, &id)?;
+            let frame = session.frame(
+                &msg.subject,
+                msg.body,
+                msg.reply_to.as_deref(),
+                session.frame_type,
+            )?;
+            session.send(frame).await
+        }
+        .await;
+        self.count_publish(&result);
+        Ok(result)
+    }
+
+    async fn broadcast(
+        &self,
+        cx: Option<Context>,
+        msg: BrokerMessage,
+    ) -> anyhow::Result<Result<u32, String>> {
+        let component = match caller(&cx) {
+            Ok((component, _)) => component,
+            Err(e) => return Ok(Err(e)),
+        };
+        let sends = self
+            .owned_sessions(component)
+            .into_iter()
+            .filter(|s| s.is_connected())
+            .map(|session| {
+                let msg = &msg;
+                async move {
+                    let frame = session.frame(
+                        &msg.subject,
+                        msg.body.clone(),
+                        msg.reply_to.as_deref(),
+                        session.frame_type,
+                    )?;
+                    session.send(frame).await
+                }
+            });
+        let results = futures::future::join_all(sends).await;
+        for result in &results {
+            self.count_publish(result);
+        }
+        let delivered = results.iter().filter(|r| r.is_ok()).count();
+        Ok(Ok(u32::try_from(delivered).unwrap_or(u32::MAX)))
+    }
+
+    async fn set_metadata(
+        &self,
+        cx: Option<Context>,
+        id: String,
+        key: String,
+        value: String,
+    ) -> anyhow::Result<Result<(), String>> {
+        Ok(self
+            .session_of(&cx, &id)
+            .and_then(|s| s.set_metadata(key, value)))
+    }
+
+    async fn get_metadata(
+        &self,
+        cx: Option<Context>,
+        id: String,
+        key: String,
+    ) -> anyhow::Result<Result<Option<String>, String>> {
+        Ok(self.session_of(&cx, &id).map(|s| s.get_metadata(&key)))
+    }
+
+    async fn remove_metadata(
+        &self,
+        cx: Option<Context>,
+        id: String,
+        key: String,
+    ) -> anyhow::Result<Result<(), String>> {
+        Ok(self.session_of(&cx, &id).map(|s| s.remove_metadata(&key)))
+    }
+
+    async fn close(
+        &self,
+        cx: Option<Context>,
+        id: String,
+        code: u16,
+        reason: String,
+    ) -> anyhow::Result<Result<(), String>> {
+        let session = match self.session_of(&cx, &id) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(session.close(code, &reason).await)
     }
 }

@@ -10,6 +10,7 @@
 pub mod config;
 pub mod connection;
 pub mod dispatch;
+pub mod envelope;
 pub mod exports;
 pub mod provider;
 pub mod sessions;
@@ -26,6 +27,7 @@ pub mod bindings {
             "wasmcloud:messaging/consumer@0.2.0": generate,
             "wasmcloud:messaging/handler@0.2.0": generate,
             "wasmcloud:messaging/types@0.2.0": generate,
+            "wasmcloud-websocket:provider/sessions@0.1.0": generate,
         }
     });
 }

@@ -27,6 +27,13 @@ use crate::sessions::{parse_session_subject, Registry, Route, Session};
 use crate::stats::Stats;
 use crate::ws::client::ConnState;
 
+/// Where a publish goes: the session, the frame type, and the subject written in an envelope.
+pub struct Target {
+    pub session: Arc<Session>,
+    pub frame_type: FrameType,
+    pub subject: String,
+}
+
 /// How long `shutdown` waits for close frames: the host kills the process after ~300 ms.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(200);
 
@@ -164,6 +171,7 @@ impl WsProvider {
     async fn connection(
         &self,
         component: &str,
+        link_name: &str,
         settings: &LinkSettings,
     ) -> anyhow::Result<Arc<Connection>> {
         if let Some(conn) = self.links().connection_for(component, &settings.endpoint) {
@@ -177,6 +185,7 @@ impl WsProvider {
         }
         let conn = Connection::open(
             component,
+            link_name,
             settings,
             wrpc,
             Arc::clone(&self.inner.registry),
@@ -210,7 +219,7 @@ impl WsProvider {
                 return Err(e.into());
             }
         };
-        let conn = self.connection(component, &settings).await?;
+        let conn = self.connection(component, link_name, &settings).await?;
         conn.session.add_route(Route {
             link_name: link_name.to_string(),
             subject: settings.inbound_subject(link_name),
@@ -242,7 +251,7 @@ impl WsProvider {
             }
         };
         let conn = if settings.uri_set_on_link {
-            Some(self.connection(component, &settings).await?)
+            Some(self.connection(component, link_name, &settings).await?)
         } else {
             None
         };
@@ -285,7 +294,7 @@ impl WsProvider {
         );
     }
 
-    /// Chooses the session a component's publish goes to.
+    /// Chooses the session a component's publish or request goes to.
     ///
     /// A session subject names the session directly (only the caller's own). Any other subject
     /// goes out on the consumer link's own connection, else on the component's only handler-link
@@ -295,27 +304,27 @@ impl WsProvider {
         component: &str,
         link_name: &str,
         subject: &str,
-    ) -> Result<(Arc<Session>, FrameType), String> {
+    ) -> Result<Target, String> {
         let links = self.links();
         let consumer = links
             .consumers
             .get(&(component.to_string(), link_name.to_string()));
         let frame_type_override = consumer.and_then(|c| c.frame_type);
-        if let Some(id) = parse_session_subject(subject) {
+        let target = |session: &Arc<Session>, subject: &str| Target {
+            session: Arc::clone(session),
+            frame_type: frame_type_override.unwrap_or(session.frame_type),
+            subject: subject.to_string(),
+        };
+        if let Some(named) = parse_session_subject(subject) {
             let session = self
                 .inner
                 .registry
-                .get_owned(component, &id)
-                .ok_or_else(|| format!("unknown session {id}"))?;
-            let frame_type = frame_type_override.unwrap_or(session.frame_type);
-            return Ok((session, frame_type));
+                .get_owned(component, &named.id)
+                .ok_or_else(|| format!("unknown session {}", named.id))?;
+            return Ok(target(&session, named.peer_subject.unwrap_or(subject)));
         }
         if let Some(conn) = consumer.and_then(|c| c.conn.as_ref()) {
-            let session = Arc::clone(&conn.session);
-            return Ok((
-                Arc::clone(&session),
-                frame_type_override.unwrap_or(session.frame_type),
-            ));
+            return Ok(target(&conn.session, subject));
         }
         let mut sessions: Vec<&Arc<Session>> = links
             .handlers
@@ -329,12 +338,25 @@ impl WsProvider {
             [] => Err(format!(
                 "component {component} has no WebSocket connection: link a handler with URI, or set URI on the consumer link {link_name:?}"
             )),
-            [session] => Ok((Arc::clone(session), frame_type_override.unwrap_or(session.frame_type))),
+            [session] => Ok(target(session, subject)),
             _ => Err(format!(
                 "component {component} has {} WebSocket connections; publish to a session subject (the reply_to of an inbound message) to choose one",
                 sessions.len()
             )),
         }
+    }
+
+    /// The caller's own tracked session `id` (a UUID string).
+    pub fn owned_session(&self, component: &str, id: &str) -> Result<Arc<Session>, String> {
+        uuid::Uuid::parse_str(id)
+            .ok()
+            .and_then(|uuid| self.inner.registry.get_owned(component, &uuid))
+            .ok_or_else(|| format!("unknown session {id}"))
+    }
+
+    /// The caller's tracked sessions.
+    pub fn owned_sessions(&self, component: &str) -> Vec<Arc<Session>> {
+        self.inner.registry.owned_by(component)
     }
 
     /// One line per link that is not connected or was refused; empty when all is well.
@@ -361,7 +383,7 @@ impl WsProvider {
                 ConnState::Connecting => problems.push(format!(
                     "{} link {link:?} of {component}: connecting to {}",
                     dir.as_str(),
-                    conn.session.uri
+                    conn.session.remote
                 )),
                 ConnState::Disconnected { error } => problems.push(format!(
                     "{} link {link:?} of {component}: {error}",

@@ -3,9 +3,12 @@
 //! A session is one WebSocket connection owned by one component. The registry maps session IDs
 //! (UUIDs) to sessions; a session carries its owner, its remote URI, its connection state, the
 //! handler links that want its inbound frames, and the sender half of its bounded outbound
-//! queue. Lookups by ID check the owner, so a component never reaches another's session.
+//! queue, its metadata and its pending requests. Lookups by ID check the owner, so a component
+//! never reaches another's session.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -13,17 +16,39 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-use crate::config::FrameType;
+use crate::config::{Format, FrameType};
+use crate::envelope::{self, Envelope};
 use crate::ws::client::{ConnState, Outbound};
 
 /// Session subjects are this prefix followed by the session's UUID.
 pub const SESSION_SUBJECT_PREFIX: &str = "ws.session.";
 
-/// Returns the session ID named by `subject`, if it is a session subject.
-pub fn parse_session_subject(subject: &str) -> Option<Uuid> {
-    subject
-        .strip_prefix(SESSION_SUBJECT_PREFIX)
-        .and_then(|id| Uuid::parse_str(id).ok())
+/// Metadata limits per session.
+pub const MAX_METADATA_ENTRIES: usize = 32;
+pub const MAX_METADATA_KEY_BYTES: usize = 128;
+pub const MAX_METADATA_VALUE_BYTES: usize = 4096;
+/// Requests that may wait for a reply on one session at once.
+pub const MAX_PENDING_REQUESTS: usize = 10_000;
+
+/// A subject that names a session: `ws.session.<id>`, or `ws.session.<id>.<peer subject>` for a
+/// reply to a peer's `reply_to` (JSON envelopes).
+#[derive(Debug, PartialEq, Eq)]
+pub struct SessionSubject<'a> {
+    pub id: Uuid,
+    /// The peer's own subject after the session part, if any.
+    pub peer_subject: Option<&'a str>,
+}
+
+/// Returns the session named by `subject`, if it is a session subject.
+pub fn parse_session_subject(subject: &str) -> Option<SessionSubject<'_>> {
+    let rest = subject.strip_prefix(SESSION_SUBJECT_PREFIX)?;
+    let (id, tail) = rest.split_at_checked(36)?;
+    let id = Uuid::parse_str(id).ok()?;
+    let peer_subject = match tail {
+        "" => None,
+        t => Some(t.strip_prefix('.').filter(|t| !t.is_empty())?),
+    };
+    Some(SessionSubject { id, peer_subject })
 }
 
 /// A handler link that receives a session's inbound frames.
@@ -36,13 +61,44 @@ pub struct Route {
 pub struct Session {
     pub id: Uuid,
     pub component_id: String,
-    pub uri: String,
+    /// The link that opened the connection.
+    pub link_name: String,
+    /// Remote URI (client mode) or peer address (server mode).
+    pub remote: String,
     /// When false the session is not addressable by ID and inbound messages carry no reply_to.
     pub tracking: bool,
     pub frame_type: FrameType,
+    pub format: Format,
     state: watch::Receiver<ConnState>,
     outbound: mpsc::Sender<Outbound>,
     routes: Mutex<Vec<Route>>,
+    metadata: Mutex<BTreeMap<String, String>>,
+    pending: Mutex<HashMap<String, oneshot::Sender<Envelope>>>,
+}
+
+/// What the session API shows of a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub id: Uuid,
+    pub link_name: String,
+    pub remote: String,
+    pub connected: bool,
+    pub connected_since_ms: Option<u64>,
+    pub metadata: Vec<(String, String)>,
+}
+
+/// Options of a new session (from the link that opens it).
+pub struct SessionOptions {
+    pub component_id: String,
+    pub link_name: String,
+    pub remote: String,
+    pub tracking: bool,
+    pub frame_type: FrameType,
+    pub format: Format,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl std::fmt::Debug for Session {
@@ -50,29 +106,125 @@ impl std::fmt::Debug for Session {
         f.debug_struct("Session")
             .field("id", &self.id)
             .field("component_id", &self.component_id)
-            .field("uri", &self.uri)
+            .field("remote", &self.remote)
             .finish_non_exhaustive()
     }
 }
 
 impl Session {
     pub fn new(
-        component_id: String,
-        uri: String,
-        tracking: bool,
-        frame_type: FrameType,
+        options: SessionOptions,
         state: watch::Receiver<ConnState>,
         outbound: mpsc::Sender<Outbound>,
     ) -> Self {
         Self {
             id: Uuid::new_v4(),
-            component_id,
-            uri,
-            tracking,
-            frame_type,
+            component_id: options.component_id,
+            link_name: options.link_name,
+            remote: options.remote,
+            tracking: options.tracking,
+            frame_type: options.frame_type,
+            format: options.format,
             state,
             outbound,
-            routes: Mutex::new(Vec::new()),
+            routes: Mutex::default(),
+            metadata: Mutex::default(),
+            pending: Mutex::default(),
+        }
+    }
+
+    pub fn info(&self) -> SessionInfo {
+        let since = match *self.state.borrow() {
+            ConnState::Connected { since } => since
+                .duration_since(UNIX_EPOCH)
+                .ok()
+                .and_then(|d| u64::try_from(d.as_millis()).ok()),
+            _ => None,
+        };
+        SessionInfo {
+            id: self.id,
+            link_name: self.link_name.clone(),
+            remote: self.remote.clone(),
+            connected: since.is_some(),
+            connected_since_ms: since,
+            metadata: lock(&self.metadata)
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
+    pub fn set_metadata(&self, key: String, value: String) -> Result<(), String> {
+        if key.is_empty() || key.len() > MAX_METADATA_KEY_BYTES {
+            return Err(format!(
+                "metadata keys must be 1 to {MAX_METADATA_KEY_BYTES} bytes"
+            ));
+        }
+        if value.len() > MAX_METADATA_VALUE_BYTES {
+            return Err(format!(
+                "metadata values must be at most {MAX_METADATA_VALUE_BYTES} bytes"
+            ));
+        }
+        let mut metadata = lock(&self.metadata);
+        if !metadata.contains_key(&key) && metadata.len() >= MAX_METADATA_ENTRIES {
+            return Err(format!(
+                "a session holds at most {MAX_METADATA_ENTRIES} metadata entries"
+            ));
+        }
+        metadata.insert(key, value);
+        Ok(())
+    }
+
+    pub fn get_metadata(&self, key: &str) -> Option<String> {
+        lock(&self.metadata).get(key).cloned()
+    }
+
+    pub fn remove_metadata(&self, key: &str) {
+        lock(&self.metadata).remove(key);
+    }
+
+    /// Registers a request waiting for the envelope the peer sends to `inbox`.
+    pub fn expect_reply(&self, inbox: String) -> Result<oneshot::Receiver<Envelope>, String> {
+        let mut pending = lock(&self.pending);
+        if pending.len() >= MAX_PENDING_REQUESTS {
+            return Err(format!(
+                "session {} already has {MAX_PENDING_REQUESTS} requests waiting",
+                self.id
+            ));
+        }
+        let (tx, rx) = oneshot::channel();
+        pending.insert(inbox, tx);
+        Ok(rx)
+    }
+
+    pub fn forget_reply(&self, inbox: &str) {
+        lock(&self.pending).remove(inbox);
+    }
+
+    /// Hands `envelope` to the request waiting on its subject; gives it back if none waits.
+    pub fn resolve_reply(&self, envelope: Envelope) -> Option<Envelope> {
+        let waiting = lock(&self.pending).remove(&envelope.subject);
+        match waiting {
+            Some(tx) => {
+                // A request that gave up in the meantime simply drops the reply.
+                let _ = tx.send(envelope);
+                None
+            }
+            None => Some(envelope),
+        }
+    }
+
+    /// The frame for a message sent to this session: the body itself (raw) or an envelope.
+    pub fn frame(
+        &self,
+        subject: &str,
+        body: Bytes,
+        reply_to: Option<&str>,
+        frame_type: FrameType,
+    ) -> Result<Message, String> {
+        match self.format {
+            Format::Raw => encode(body, frame_type),
+            Format::Json => Ok(Message::text(envelope::encode(subject, &body, reply_to))),
         }
     }
 
@@ -106,13 +258,12 @@ impl Session {
         }
     }
 
-    /// Writes `body` as one frame and waits until it was flushed to the socket.
+    /// Writes one frame and waits until it was flushed to the socket.
     /// Every failure is returned as a message for the caller; nothing is dropped silently.
-    pub async fn send(&self, body: Bytes, frame_type: FrameType) -> Result<(), String> {
+    pub async fn send(&self, message: Message) -> Result<(), String> {
         if !self.is_connected() {
             return Err(format!("session {} is not connected", self.id));
         }
-        let message = encode(body, frame_type)?;
         let (ack, done) = oneshot::channel();
         self.outbound
             .try_send(Outbound {
@@ -127,6 +278,34 @@ impl Session {
             })?;
         done.await
             .unwrap_or_else(|_| Err(format!("session {} closed before the write", self.id)))
+    }
+}
+
+impl Session {
+    /// Queues one frame without waiting for the write (error frames); fails when the queue is full.
+    pub fn send_nowait(&self, message: Message) -> Result<(), String> {
+        self.outbound
+            .try_send(Outbound { message, ack: None })
+            .map_err(|_| format!("send queue of session {} is full or closed", self.id))
+    }
+
+    /// Closes the socket with `code` and `reason`, waiting until the close frame was written.
+    pub async fn close(&self, code: u16, reason: &str) -> Result<(), String> {
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        if !(code == 1000 || (3000..=4999).contains(&code)) {
+            return Err(format!(
+                "close code {code} is not allowed: use 1000 or 3000-4999"
+            ));
+        }
+        if reason.len() > 123 {
+            return Err("close reason must be at most 123 bytes".to_string());
+        }
+        self.send(Message::Close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.to_string().into(),
+        })))
+        .await
     }
 }
 
@@ -169,6 +348,18 @@ impl Registry {
             .map(|s| Arc::clone(s.value()))
     }
 
+    /// The tracked sessions of `component_id`, ordered by ID.
+    pub fn owned_by(&self, component_id: &str) -> Vec<Arc<Session>> {
+        let mut sessions: Vec<Arc<Session>> = self
+            .sessions
+            .iter()
+            .filter(|s| s.component_id == component_id && s.tracking)
+            .map(|s| Arc::clone(s.value()))
+            .collect();
+        sessions.sort_by_key(|s| s.id);
+        sessions
+    }
+
     pub fn len(&self) -> usize {
         self.sessions.len()
     }
@@ -186,10 +377,14 @@ mod tests {
         let (_tx, state) = watch::channel(ConnState::Connecting);
         let (out, _rx) = mpsc::channel(1);
         Arc::new(Session::new(
-            component.into(),
-            "ws://x".into(),
-            tracking,
-            FrameType::Auto,
+            SessionOptions {
+                component_id: component.into(),
+                link_name: "l".into(),
+                remote: "ws://x".into(),
+                tracking,
+                frame_type: FrameType::Auto,
+                format: Format::Raw,
+            },
             state,
             out,
         ))
@@ -198,7 +393,14 @@ mod tests {
     #[test]
     fn subjects_round_trip() {
         let s = session("a", true);
-        assert_eq!(parse_session_subject(&s.subject()), Some(s.id));
+        let subject = s.subject();
+        let parsed = parse_session_subject(&subject).expect("session subject");
+        assert_eq!((parsed.id, parsed.peer_subject), (s.id, None));
+        let reply = format!("{}.inbox.7", s.subject());
+        let parsed = parse_session_subject(&reply).expect("reply subject");
+        assert_eq!((parsed.id, parsed.peer_subject), (s.id, Some("inbox.7")));
+        assert_eq!(parse_session_subject(&format!("{}.", s.subject())), None);
+        assert_eq!(parse_session_subject(&format!("{}x", s.subject())), None);
         assert_eq!(parse_session_subject("ws.session.nope"), None);
         assert_eq!(parse_session_subject("other"), None);
     }
@@ -236,10 +438,46 @@ mod tests {
     #[tokio::test]
     async fn send_on_a_disconnected_session_is_an_error() {
         let s = session("a", true);
-        let e = s
-            .send(Bytes::from_static(b"x"), FrameType::Auto)
-            .await
-            .expect_err("not connected");
+        let e = s.send(Message::text("x")).await.expect_err("not connected");
         assert!(e.contains("not connected"), "{e}");
+    }
+
+    #[test]
+    fn metadata_is_bounded() {
+        let s = session("a", true);
+        s.set_metadata("k".into(), "v".into()).expect("set");
+        assert_eq!(s.get_metadata("k").as_deref(), Some("v"));
+        assert!(s.set_metadata(String::new(), "v".into()).is_err());
+        assert!(s.set_metadata("x".repeat(129), "v".into()).is_err());
+        assert!(s.set_metadata("big".into(), "v".repeat(4097)).is_err());
+        for i in 1..MAX_METADATA_ENTRIES {
+            s.set_metadata(format!("k{i}"), "v".into())
+                .expect("within the limit");
+        }
+        assert!(s.set_metadata("one-too-many".into(), "v".into()).is_err());
+        s.set_metadata("k".into(), "replaced".into())
+            .expect("replacing is fine");
+        s.remove_metadata("k");
+        assert_eq!(s.get_metadata("k"), None);
+        assert_eq!(s.info().metadata.len(), MAX_METADATA_ENTRIES - 1);
+    }
+
+    #[test]
+    fn replies_go_to_the_waiting_request_only() {
+        let s = session("a", true);
+        let mut rx = s.expect_reply("_INBOX.1".into()).expect("registered");
+        let other = Envelope {
+            subject: "x".into(),
+            body: Bytes::new(),
+            reply_to: None,
+        };
+        assert!(s.resolve_reply(other).is_some(), "not a reply: handed back");
+        let reply = Envelope {
+            subject: "_INBOX.1".into(),
+            body: Bytes::from_static(b"r"),
+            reply_to: None,
+        };
+        assert!(s.resolve_reply(reply).is_none());
+        assert_eq!(rx.try_recv().expect("resolved").body.as_ref(), b"r");
     }
 }

@@ -12,6 +12,8 @@ pub struct Stats {
     pub handler_errors: AtomicU64,
     /// `handle-message` calls that did not finish within the handler timeout (hung calls).
     pub handler_timeouts: AtomicU64,
+    /// Frames that were not valid JSON envelopes (answered with an error frame).
+    pub invalid_envelopes: AtomicU64,
     /// Frames written to sockets by `publish`.
     pub published: AtomicU64,
     /// Publishes refused with an error returned to the component.

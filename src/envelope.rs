@@ -1,0 +1,168 @@
+//! The JSON envelope used when a link sets `FORMAT=json`. Pure functions, no I/O.
+//!
+//! Every frame is one JSON object:
+//!
+//! ```json
+//! {"subject": "chat.room1", "body": "hello", "reply_to": "inbox.42"}
+//! {"subject": "sensor.raw", "body_base64": "AAEC/w=="}
+//! ```
+//!
+//! `subject` is a non-empty string; the body is either `body` (a UTF-8 string) or `body_base64`
+//! (standard base64), never both, and may be absent (empty body); `reply_to` is optional (a
+//! string or null). Other fields are ignored. A frame that breaks these rules is answered with
+//! an error frame: `{"error": {"code": "invalid_envelope", "message": "..."}}`.
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// A decoded envelope.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    pub subject: String,
+    pub body: Bytes,
+    pub reply_to: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Wire {
+    subject: Option<serde_json::Value>,
+    body: Option<serde_json::Value>,
+    body_base64: Option<serde_json::Value>,
+    reply_to: Option<serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct WireOut<'a> {
+    subject: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_base64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reply_to: Option<&'a str>,
+}
+
+/// Decodes one frame's payload. The error says what is wrong, never what the payload held.
+pub fn decode(payload: &[u8]) -> Result<Envelope, String> {
+    let wire: Wire = match serde_json::from_slice(payload) {
+        Ok(w) => w,
+        Err(e) if e.is_data() => return Err("envelope must be a JSON object".to_string()),
+        Err(e) => {
+            return Err(format!(
+                "not valid JSON (line {}, column {})",
+                e.line(),
+                e.column()
+            ))
+        }
+    };
+    let subject = match wire.subject {
+        Some(serde_json::Value::String(s)) if !s.is_empty() => s,
+        Some(serde_json::Value::String(_)) => return Err("subject is empty".to_string()),
+        Some(_) => return Err("subject must be a string".to_string()),
+        None => return Err("subject is missing".to_string()),
+    };
+    let body = match (wire.body, wire.body_base64) {
+        (Some(_), Some(_)) => return Err("give body or body_base64, not both".to_string()),
+        (Some(serde_json::Value::String(s)), None) => Bytes::from(s),
+        (Some(serde_json::Value::Null) | None, None) => Bytes::new(),
+        (Some(_), None) => return Err("body must be a string".to_string()),
+        (None, Some(serde_json::Value::String(s))) => B64
+            .decode(s.as_bytes())
+            .map(Bytes::from)
+            .map_err(|_| "body_base64 is not valid base64".to_string())?,
+        (None, Some(_)) => return Err("body_base64 must be a string".to_string()),
+    };
+    let reply_to = match wire.reply_to {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) if s.is_empty() => None,
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(_) => return Err("reply_to must be a string".to_string()),
+    };
+    Ok(Envelope {
+        subject,
+        body,
+        reply_to,
+    })
+}
+
+/// Encodes an envelope: UTF-8 bodies as `body`, anything else as `body_base64`.
+pub fn encode(subject: &str, body: &[u8], reply_to: Option<&str>) -> String {
+    let (text, b64) = match std::str::from_utf8(body) {
+        Ok(text) => (Some(text), None),
+        Err(_) => (None, Some(B64.encode(body))),
+    };
+    let out = WireOut {
+        subject,
+        body: text,
+        body_base64: b64,
+        reply_to,
+    };
+    // Serializing a struct of strings cannot fail.
+    serde_json::to_string(&out).unwrap_or_default()
+}
+
+/// The error frame sent to a peer whose frame was not a valid envelope.
+pub fn error_frame(message: &str) -> String {
+    serde_json::json!({"error": {"code": "invalid_envelope", "message": message}}).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_and_binary_bodies_round_trip() {
+        for body in [&b"hello"[..], &[0u8, 1, 2, 255, 254][..], &b""[..]] {
+            let frame = encode("s.1", body, Some("inbox.1"));
+            let env = decode(frame.as_bytes()).expect("decodes");
+            assert_eq!(env.subject, "s.1");
+            assert_eq!(env.body.as_ref(), body);
+            assert_eq!(env.reply_to.as_deref(), Some("inbox.1"));
+        }
+        assert!(encode("s", b"hi", None).contains(r#""body":"hi""#));
+        assert!(encode("s", &[255], None).contains("body_base64"));
+    }
+
+    #[test]
+    fn malformed_envelopes_are_errors() {
+        let cases: &[(&str, &str)] = &[
+            ("{", "not valid JSON"),
+            ("[1,2]", "JSON object"),
+            ("\"str\"", "JSON object"),
+            (r#"{"body":"x"}"#, "subject is missing"),
+            (r#"{"subject":""}"#, "subject is empty"),
+            (r#"{"subject":5}"#, "subject must be a string"),
+            (r#"{"subject":"a","body":1}"#, "body must be a string"),
+            (r#"{"subject":"a","body_base64":"!!"}"#, "not valid base64"),
+            (
+                r#"{"subject":"a","body":"x","body_base64":"eA=="}"#,
+                "not both",
+            ),
+            (
+                r#"{"subject":"a","reply_to":7}"#,
+                "reply_to must be a string",
+            ),
+        ];
+        for (input, expected) in cases {
+            let e = decode(input.as_bytes()).expect_err(input);
+            assert!(e.contains(expected), "{input}: {e}");
+        }
+    }
+
+    #[test]
+    fn errors_do_not_echo_the_payload() {
+        let e = decode(br#"{"subject":"a","body_base64":"secret!!"}"#).expect_err("bad");
+        assert!(!e.contains("secret"));
+        assert!(error_frame(&e).contains("invalid_envelope"));
+    }
+
+    #[test]
+    fn optional_fields_may_be_absent_or_null() {
+        let env = decode(br#"{"subject":"a","body":null,"reply_to":null,"extra":1}"#).expect("ok");
+        assert!(env.body.is_empty());
+        assert_eq!(env.reply_to, None);
+    }
+}
