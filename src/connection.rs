@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use wasmcloud_provider_sdk::provider::WrpcClient;
 
 use crate::config::LinkSettings;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{self, Inbound, DELIVERY_QUEUE};
 use crate::sessions::{Registry, Session, SessionOptions};
 use crate::stats::Stats;
 use crate::ws::client::{self, ClientOptions, ConnState};
@@ -58,16 +58,24 @@ impl Connection {
             reconnect_max: settings.reconnect_max,
             max_message_bytes: settings.max_message_bytes,
         };
-        let dispatcher = Arc::new(Dispatcher {
-            session: Arc::clone(&session),
+        let (queue_tx, queue_rx) = mpsc::channel(DELIVERY_QUEUE);
+        // Ends by itself once the socket task (which owns the sending side) has ended.
+        tokio::spawn(dispatch::deliver(
+            Arc::clone(&session),
             wrpc,
-            timeout: settings.handler_timeout,
+            settings.handler_timeout,
+            Arc::clone(&stats),
+            queue_rx,
+        ));
+        let inbound = Arc::new(Inbound {
+            session: Arc::clone(&session),
+            queue: queue_tx,
             stats,
         });
         let cancel = CancellationToken::new();
         let task = tokio::spawn(client::run(
             options,
-            dispatcher,
+            inbound,
             out_rx,
             state_tx,
             cancel.clone(),

@@ -1,16 +1,19 @@
 //! Inbound frames to `handle-message`.
 //!
-//! A [`Dispatcher`] belongs to one session. The socket task hands it frames one at a time, so a
-//! session's messages reach the component in order and the next frame is not read until the
-//! previous call ended. Every call is bounded by the link's handler timeout, which covers the
-//! whole wRPC call (a reply lost by the transport would otherwise hang the session forever);
-//! failures and timeouts are logged with the session and subject, counted, and do not stop the
-//! frames that follow.
+//! Each session has an [`Inbound`] sink, called by its socket's reader, and one [`deliver`]
+//! task. The sink decodes the frame (JSON envelopes), hands replies to the requests waiting for
+//! them (at once, so a component blocked in `request` on this session still gets its reply), and
+//! queues everything else in a small bounded queue. The deliver task calls `handle-message` for
+//! one message at a time, in order; when the queue is full the reader stops reading the socket.
+//! Every call is bounded by the link's handler timeout, which covers the whole wRPC call (a reply
+//! lost by the transport would otherwise hang the session forever); failures and timeouts are
+//! logged with the session and subject, counted, and do not stop the messages that follow.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 use wasmcloud_provider_sdk::provider::WrpcClient;
 
@@ -24,14 +27,17 @@ use crate::sessions::Session;
 use crate::stats::Stats;
 use crate::ws::client::FrameSink;
 
-pub struct Dispatcher {
+/// Messages that may wait for `handle-message` on one session before the reader pauses.
+pub const DELIVERY_QUEUE: usize = 16;
+
+/// The reader-side sink of one session.
+pub struct Inbound {
     pub session: Arc<Session>,
-    pub wrpc: WrpcClient,
-    pub timeout: Duration,
+    pub queue: mpsc::Sender<BrokerMessage>,
     pub stats: Arc<Stats>,
 }
 
-impl Dispatcher {
+impl Inbound {
     /// Turns a frame into the message for `handle-message`, or `None` when it is not for the
     /// component (a reply to a pending request, an invalid envelope, no handler link).
     fn message(&self, payload: Bytes) -> Option<BrokerMessage> {
@@ -77,32 +83,45 @@ impl Dispatcher {
     }
 }
 
-impl FrameSink for Dispatcher {
+impl FrameSink for Inbound {
     async fn frame(&self, payload: Bytes, _text: bool) {
-        let session = &self.session;
-        let Some(message) = self.message(payload) else {
-            return;
-        };
-        let call = handler::handle_message(&self.wrpc, None, &message);
-        match tokio::time::timeout(self.timeout, call).await {
+        if let Some(message) = self.message(payload) {
+            // Waiting here is the backpressure: the socket is not read while the queue is full.
+            let _ = self.queue.send(message).await;
+        }
+    }
+}
+
+/// Calls `handle-message` for each queued message of `session`, one at a time, in order.
+pub async fn deliver(
+    session: Arc<Session>,
+    wrpc: WrpcClient,
+    timeout: Duration,
+    stats: Arc<Stats>,
+    mut queue: mpsc::Receiver<BrokerMessage>,
+) {
+    while let Some(message) = queue.recv().await {
+        let session = &session;
+        let call = handler::handle_message(&wrpc, None, &message);
+        match tokio::time::timeout(timeout, call).await {
             Ok(Ok(Ok(()))) => {
-                Stats::bump(&self.stats.delivered);
+                Stats::bump(&stats.delivered);
                 debug!(session = %session.id, subject = %message.subject, "delivered");
             }
             Ok(Ok(Err(error))) => {
-                Stats::bump(&self.stats.handler_errors);
+                Stats::bump(&stats.handler_errors);
                 warn!(session = %session.id, subject = %message.subject, %error,
                     component = %session.component_id, "handle-message returned an error");
             }
             Ok(Err(error)) => {
-                Stats::bump(&self.stats.handler_errors);
+                Stats::bump(&stats.handler_errors);
                 warn!(session = %session.id, subject = %message.subject, error = %format!("{error:#}"),
                     component = %session.component_id, "handle-message call failed");
             }
             Err(_) => {
-                Stats::bump(&self.stats.handler_timeouts);
+                Stats::bump(&stats.handler_timeouts);
                 warn!(session = %session.id, subject = %message.subject,
-                    component = %session.component_id, timeout = ?self.timeout,
+                    component = %session.component_id, ?timeout,
                     "handle-message did not finish in time; counted as hung");
             }
         }

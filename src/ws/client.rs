@@ -29,7 +29,7 @@ use crate::config::Endpoint;
 
 /// How many ready frames the writer feeds before it flushes.
 const WRITE_BATCH: usize = 64;
-/// How long the close handshake may take when the owner cancels.
+/// How long the close handshake may take.
 const CLOSE_GRACE: Duration = Duration::from_millis(200);
 /// A connection that stayed up this long resets the reconnect backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(5);
@@ -253,6 +253,8 @@ async fn serve<S: FrameSink>(
 }
 
 /// Writes queued frames: feeds every frame that is ready, flushes once, then acknowledges.
+/// After a close frame (a component closing the session) it gives the peer `CLOSE_GRACE` to
+/// answer, then ends, so a peer that never answers cannot hold the connection open.
 async fn write_loop<W>(writer: &mut W, outbound: &mut mpsc::Receiver<Outbound>) -> String
 where
     W: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
@@ -264,13 +266,17 @@ where
         };
         let mut next = Some(first);
         let mut result = Ok(());
+        let mut closed = None;
         while let Some(item) = next.take() {
             acks.extend(item.ack);
+            if let Message::Close(frame) = &item.message {
+                closed = Some(frame.as_ref().map_or(1000, |f| u16::from(f.code)));
+            }
             if let Err(e) = writer.feed(item.message).await {
                 result = Err(format!("write failed: {e}"));
                 break;
             }
-            if acks.len() < WRITE_BATCH {
+            if acks.len() < WRITE_BATCH && closed.is_none() {
                 next = outbound.try_recv().ok();
             }
         }
@@ -285,6 +291,10 @@ where
         }
         if let Err(e) = result {
             return e;
+        }
+        if let Some(code) = closed {
+            tokio::time::sleep(CLOSE_GRACE).await;
+            return format!("closed by the component with code {code}");
         }
     }
 }

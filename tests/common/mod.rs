@@ -266,6 +266,28 @@ impl Env {
         Ok(())
     }
 
+    /// Links component -> provider on the session API (`wasmcloud-websocket:provider/sessions`).
+    pub async fn link_sessions(&self, component: &str) -> Result<()> {
+        let resp = assert_advertise_link(
+            &self.ctl,
+            component,
+            PROVIDER_ID,
+            "default",
+            "wasmcloud-websocket",
+            "provider",
+            vec!["sessions".into()],
+            vec![],
+            vec![],
+        )
+        .await?;
+        ensure!(
+            resp.succeeded(),
+            "sessions link put failed: {}",
+            resp.message()
+        );
+        Ok(())
+    }
+
     pub async fn unlink_handler(&self, link: &str) -> Result<()> {
         assert_remove_link(&self.ctl, PROVIDER_ID, "wasmcloud", "messaging", link).await
     }

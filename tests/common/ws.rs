@@ -124,6 +124,17 @@ impl Peer {
         }
     }
 
+    /// Sends one JSON envelope (or any JSON value) as a text frame.
+    pub async fn send_json(&mut self, value: serde_json::Value) -> Result<()> {
+        self.send_text(&value.to_string()).await
+    }
+
+    /// The next message, which must be a text frame holding JSON.
+    pub async fn recv_json(&mut self) -> Result<serde_json::Value> {
+        let text = self.recv_text().await?;
+        serde_json::from_str(&text).with_context(|| format!("not JSON: {text}"))
+    }
+
     /// Sends `text` and returns the text the component sends back.
     pub async fn round_trip(&mut self, text: &str) -> Result<String> {
         self.send_text(text).await?;

@@ -1,59 +1,147 @@
-//! Test component: answers every inbound WebSocket message through the provider.
+//! Test component: answers every inbound WebSocket message through the provider, and drives the
+//! session API on command. Answers go to the message's `reply_to` (its session), or to the plain
+//! subject `out` when there is none.
 //!
 //! - `!plain <text>`: publishes `<text>` to the plain subject `out` (link-level publish);
-//! - `!whoami`: publishes its own `reply_to` (the session subject) back to the session;
-//! - `!to <subject> <text>`: publishes `<text>` to `<subject>`; on error it publishes
-//!   `ERR <error>` back to its own session;
-//! - anything else: publishes the body unchanged to `reply_to` (an echo).
+//! - `!whoami`: answers its own `reply_to`; `!subject`: answers the message's subject;
+//! - `!to <subject> <text>`: publishes `<text>` to `<subject>`;
+//! - `!list`: answers `LIST <n>` and one line `id|link|remote|connected|k=v,...` per session;
+//! - `!get <id>`, `!send <id> <text>`, `!broadcast <text>`, `!close <id> <code> <reason>`;
+//! - `!meta-set <id> <key> <value>`, `!meta-get <id> <key>`, `!meta-del <id> <key>`;
+//! - `!request <subject> <timeout-ms> <text>`: answers `REPLY <subject> <body>`;
+//! - anything else: answers the body unchanged (an echo).
+//!
+//! A failing call answers `ERR <error>`.
 
 wit_bindgen::generate!({
     inline: "
         package test:echo;
         world echo {
             import wasmcloud:messaging/consumer@0.2.0;
+            import wasmcloud-websocket:provider/sessions@0.1.0;
             export wasmcloud:messaging/handler@0.2.0;
         }
     ",
-    path: "../../../wit/deps/messaging",
+    path: "../../../wit",
+    world: "test:echo/echo",
     generate_all,
 });
 
 use exports::wasmcloud::messaging::handler::Guest;
 use wasmcloud::messaging::consumer;
 use wasmcloud::messaging::types::BrokerMessage;
+use wasmcloud_websocket::provider::sessions::{self, SessionInfo};
 
 struct Echo;
 
-fn publish(subject: &str, body: Vec<u8>) -> Result<(), String> {
-    consumer::publish(&BrokerMessage {
+fn message(subject: &str, body: impl Into<Vec<u8>>) -> BrokerMessage {
+    BrokerMessage {
         subject: subject.to_string(),
-        body,
+        body: body.into(),
         reply_to: None,
+    }
+}
+
+fn describe(s: &SessionInfo) -> String {
+    let meta: Vec<String> = s.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!(
+        "{}|{}|{}|{}|{}",
+        s.id,
+        s.link_name,
+        s.remote,
+        s.connected,
+        meta.join(",")
+    )
+}
+
+/// Runs one command; `Ok(Some(text))` is answered, `Err(e)` is answered as `ERR e`.
+fn command(msg: &BrokerMessage, text: &str) -> Result<Option<String>, String> {
+    let mut words = text.splitn(2, ' ');
+    let verb = words.next().unwrap_or_default();
+    let rest = words.next().unwrap_or_default();
+    let mut args = rest.splitn(3, ' ');
+    let mut arg = || args.next().unwrap_or_default().to_string();
+    Ok(match verb {
+        "!plain" => {
+            consumer::publish(&message("out", rest))?;
+            None
+        }
+        "!whoami" => Some(msg.reply_to.clone().unwrap_or_default()),
+        "!subject" => Some(msg.subject.clone()),
+        "!to" => {
+            let (subject, body) = rest.split_once(' ').unwrap_or((rest, ""));
+            consumer::publish(&message(subject, body))?;
+            None
+        }
+        "!list" => {
+            let list = sessions::list_sessions()?;
+            let mut out = format!("LIST {}", list.len());
+            for s in &list {
+                out.push('\n');
+                out.push_str(&describe(s));
+            }
+            Some(out)
+        }
+        "!get" => Some(format!("INFO {}", describe(&sessions::get_session(&arg())?))),
+        "!send" => {
+            let (id, body) = rest.split_once(' ').unwrap_or((rest, ""));
+            sessions::send(id, &message("direct", body))?;
+            Some("SENT".to_string())
+        }
+        "!broadcast" => Some(format!(
+            "BROADCAST {}",
+            sessions::broadcast(&message("all", rest))?
+        )),
+        "!meta-set" => {
+            let (id, key, value) = (arg(), arg(), arg());
+            sessions::set_metadata(&id, &key, &value)?;
+            Some("OK".to_string())
+        }
+        "!meta-get" => {
+            let (id, key) = (arg(), arg());
+            Some(match sessions::get_metadata(&id, &key)? {
+                Some(v) => format!("META {v}"),
+                None => "META none".to_string(),
+            })
+        }
+        "!meta-del" => {
+            let (id, key) = (arg(), arg());
+            sessions::remove_metadata(&id, &key)?;
+            Some("OK".to_string())
+        }
+        "!close" => {
+            let (id, code, reason) = (arg(), arg(), arg());
+            let code = code.parse::<u16>().map_err(|e| e.to_string())?;
+            sessions::close(&id, code, &reason)?;
+            Some("CLOSED".to_string())
+        }
+        "!request" => {
+            let (subject, timeout, body) = (arg(), arg(), arg());
+            let timeout = timeout.parse::<u32>().map_err(|e| e.to_string())?;
+            let reply = consumer::request(&subject, &body.into_bytes(), timeout)?;
+            Some(format!(
+                "REPLY {} {}",
+                reply.subject,
+                String::from_utf8_lossy(&reply.body)
+            ))
+        }
+        _ => return Err("not a command".to_string()),
     })
 }
 
 impl Guest for Echo {
     fn handle_message(msg: BrokerMessage) -> Result<(), String> {
-        let reply_to = msg.reply_to.clone();
-        let reply = |body: Vec<u8>| match &reply_to {
-            Some(to) => publish(to, body),
-            None => publish("out", body),
-        };
-        if let Some(rest) = msg.body.strip_prefix(b"!plain ") {
-            return publish("out", rest.to_vec());
+        let answer_to = msg.reply_to.clone().unwrap_or_else(|| "out".to_string());
+        let answer = |body: Vec<u8>| consumer::publish(&message(&answer_to, body));
+        match std::str::from_utf8(&msg.body) {
+            Ok(text) if text.starts_with('!') => match command(&msg, text) {
+                Ok(Some(reply)) => answer(reply.into_bytes()),
+                Ok(None) => Ok(()),
+                // The session may be gone (e.g. closed by the command itself): ignore that error.
+                Err(e) => answer(format!("ERR {e}").into_bytes()).or(Ok(())),
+            },
+            _ => answer(msg.body.clone()),
         }
-        if msg.body == b"!whoami" {
-            return reply(reply_to.clone().unwrap_or_default().into_bytes());
-        }
-        if let Some(rest) = msg.body.strip_prefix(b"!to ") {
-            let rest = String::from_utf8_lossy(rest).to_string();
-            let (subject, text) = rest.split_once(' ').unwrap_or((rest.as_str(), ""));
-            return match publish(subject, text.as_bytes().to_vec()) {
-                Ok(()) => Ok(()),
-                Err(e) => reply(format!("ERR {e}").into_bytes()),
-            };
-        }
-        reply(msg.body)
     }
 }
 

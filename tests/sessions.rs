@@ -1,0 +1,502 @@
+//! The session API, the JSON envelope and request-reply, under a real host with real peers.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use common::ws::{Peer, Server};
+use common::{Env, LATTICE, PROVIDER_ID};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+const SILENCE: Duration = Duration::from_millis(700);
+
+mod client {
+    wit_bindgen_wrpc::generate!({ world: "client", path: "tests/wit", generate_all });
+}
+
+/// Starts the test component `id` with the session API linked and one handler link per
+/// `(link name, server, extra config)`; returns one connected peer per link, in order.
+async fn component_with_links(
+    env: &Env,
+    id: &str,
+    links: &mut [(&str, &mut Server, &[(&str, &str)])],
+) -> Result<Vec<Peer>> {
+    env.component("test_echo", id).await?;
+    env.link_consumer(id, "default", &[]).await?;
+    env.link_sessions(id).await?;
+    let mut peers = Vec::new();
+    for (link, server, extra) in links.iter_mut() {
+        let config = format!("{link}-cfg");
+        let uri = server.uri();
+        let mut pairs = vec![("URI", uri.as_str())];
+        pairs.extend(extra.iter().copied());
+        env.config(&config, &pairs).await?;
+        env.link_handler(id, link, &[&config]).await?;
+        peers.push(server.accept().await?);
+    }
+    Ok(peers)
+}
+
+/// The session ID of a peer's connection, as the component sees it.
+async fn session_id(peer: &mut Peer) -> Result<String> {
+    let subject = peer.round_trip("!whoami").await?;
+    subject
+        .strip_prefix("ws.session.")
+        .map(str::to_string)
+        .with_context(|| format!("not a session subject: {subject}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listing_sending_and_broadcast_see_only_the_callers_sessions() -> Result<()> {
+    let env = Env::start().await?;
+    let (mut s1, mut s2, mut s3) = (
+        Server::start().await?,
+        Server::start().await?,
+        Server::start().await?,
+    );
+    let mut owner = component_with_links(
+        &env,
+        "owner",
+        &mut [("owner-a", &mut s1, &[]), ("owner-b", &mut s2, &[])],
+    )
+    .await?;
+    let mut other = component_with_links(&env, "other", &mut [("other-a", &mut s3, &[])]).await?;
+    let (a, b) = (
+        session_id(&mut owner[0]).await?,
+        session_id(&mut owner[1]).await?,
+    );
+    let c = session_id(&mut other[0]).await?;
+
+    let listing = owner[0].round_trip("!list").await?;
+    let lines: Vec<&str> = listing.lines().collect();
+    assert_eq!(lines[0], "LIST 2", "{listing}");
+    let mut expected = vec![
+        format!("{a}|owner-a|{}|true|", s1.uri()),
+        format!("{b}|owner-b|{}|true|", s2.uri()),
+    ];
+    expected.sort();
+    assert_eq!(lines[1..].to_vec(), expected);
+    assert_eq!(
+        other[0].round_trip("!list").await?,
+        format!("LIST 1\n{c}|other-a|{}|true|", s3.uri())
+    );
+
+    // send-to-session reaches only that socket.
+    assert_eq!(
+        owner[0]
+            .round_trip(&format!("!send {b} just for b"))
+            .await?,
+        "SENT"
+    );
+    assert_eq!(owner[1].recv_text().await?, "just for b");
+    other[0].expect_silence(SILENCE).await?;
+
+    // broadcast reaches every session of the caller, and no other.
+    owner[1].send_text("!broadcast to all of owner").await?;
+    let mut got_b = vec![owner[1].recv_text().await?, owner[1].recv_text().await?];
+    got_b.sort();
+    assert_eq!(got_b, ["BROADCAST 2", "to all of owner"]);
+    assert_eq!(owner[0].recv_text().await?, "to all of owner");
+    other[0].expect_silence(SILENCE).await?;
+    env.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_component_cannot_see_send_to_tag_or_close_a_session() -> Result<()> {
+    let env = Env::start().await?;
+    let (mut s1, mut s2) = (Server::start().await?, Server::start().await?);
+    let mut owner = component_with_links(&env, "victim", &mut [("victim-h", &mut s1, &[])]).await?;
+    let mut intruder =
+        component_with_links(&env, "intruder", &mut [("intruder-h", &mut s2, &[])]).await?;
+    let id = session_id(&mut owner[0]).await?;
+    let unknown = format!("ERR unknown session {id}");
+
+    for command in [
+        format!("!get {id}"),
+        format!("!send {id} hello"),
+        format!("!meta-set {id} k v"),
+        format!("!meta-get {id} k"),
+        format!("!meta-del {id} k"),
+        format!("!close {id} 4000 bye"),
+        format!("!to ws.session.{id} hello"),
+    ] {
+        assert_eq!(
+            intruder[0].round_trip(&command).await?,
+            unknown,
+            "{command}"
+        );
+    }
+    // A made-up ID gets the very same answer.
+    let made_up = "00000000-0000-4000-8000-000000000000";
+    assert_eq!(
+        intruder[0].round_trip(&format!("!get {made_up}")).await?,
+        format!("ERR unknown session {made_up}")
+    );
+    owner[0].expect_silence(SILENCE).await?;
+    assert_eq!(
+        owner[0].round_trip(&format!("!meta-get {id} k")).await?,
+        "META none"
+    );
+    assert_eq!(owner[0].round_trip("still open").await?, "still open");
+    env.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metadata_round_trips_and_disappears_with_the_session() -> Result<()> {
+    let env = Env::start().await?;
+    let (mut s1, mut s2) = (Server::start().await?, Server::start().await?);
+    let mut peers = component_with_links(
+        &env,
+        "meta",
+        &mut [("meta-a", &mut s1, &[]), ("meta-b", &mut s2, &[])],
+    )
+    .await?;
+    let b = session_id(&mut peers[1]).await?;
+    let a = &mut peers[0];
+    assert_eq!(
+        a.round_trip(&format!("!meta-set {b} user ada")).await?,
+        "OK"
+    );
+    assert_eq!(
+        a.round_trip(&format!("!meta-set {b} room lobby")).await?,
+        "OK"
+    );
+    assert_eq!(
+        a.round_trip(&format!("!meta-get {b} user")).await?,
+        "META ada"
+    );
+    assert_eq!(
+        a.round_trip(&format!("!get {b}")).await?,
+        format!("INFO {b}|meta-b|{}|true|room=lobby,user=ada", s2.uri())
+    );
+    assert_eq!(a.round_trip(&format!("!meta-del {b} user")).await?, "OK");
+    assert_eq!(
+        a.round_trip(&format!("!meta-get {b} user")).await?,
+        "META none"
+    );
+    let too_big = "x".repeat(5000);
+    let answer = a
+        .round_trip(&format!("!meta-set {b} big {too_big}"))
+        .await?;
+    ensure!(
+        answer.starts_with("ERR metadata values must be at most 4096 bytes"),
+        "{answer}"
+    );
+
+    // Deleting the link ends the session; its metadata goes with it.
+    env.unlink_handler("meta-b").await?;
+    let gone = format!("ERR unknown session {b}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = peers[0].round_trip(&format!("!meta-get {b} room")).await?;
+        if answer == gone {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "session still there: {answer}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    env.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn close_delivers_code_and_reason_and_the_link_reconnects_under_the_same_id() -> Result<()> {
+    let env = Env::start().await?;
+    let (mut s1, mut s2) = (Server::start().await?, Server::start().await?);
+    let mut peers = component_with_links(
+        &env,
+        "closer",
+        &mut [
+            ("closer-a", &mut s1, &[]),
+            ("closer-b", &mut s2, &[("RECONNECT_MIN_MS", "50")]),
+        ],
+    )
+    .await?;
+    let b = session_id(&mut peers[1]).await?;
+    let answer = peers[0].round_trip("!close nope 4000 x").await?;
+    ensure!(answer.starts_with("ERR unknown session"), "{answer}");
+    let answer = peers[0].round_trip(&format!("!close {b} 1006 x")).await?;
+    ensure!(
+        answer.starts_with("ERR close code 1006 is not allowed"),
+        "{answer}"
+    );
+
+    assert_eq!(
+        peers[0]
+            .round_trip(&format!("!close {b} 4001 see you later"))
+            .await?,
+        "CLOSED"
+    );
+    match peers[1].next_message(Duration::from_secs(10)).await? {
+        Message::Close(Some(frame)) => {
+            assert_eq!(u16::from(frame.code), 4001);
+            assert_eq!(frame.reason.as_str(), "see you later");
+        }
+        other => bail!("expected a close frame, got {other:?}"),
+    }
+    // The link still exists, so the provider connects again, keeping the session ID.
+    let mut again = s2.accept().await?;
+    assert_eq!(session_id(&mut again).await?, b);
+    env.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_session_tracking_sessions_are_not_listed_or_addressable() -> Result<()> {
+    let env = Env::start().await?;
+    let mut s1 = Server::start().await?;
+    let mut peers = component_with_links(
+        &env,
+        "untracked",
+        &mut [(
+            "untracked-h",
+            &mut s1,
+            &[("ENABLE_SESSION_TRACKING", "false")],
+        )],
+    )
+    .await?;
+    let peer = &mut peers[0];
+    // No reply_to: the component answers on the plain subject, which still reaches the socket.
+    assert_eq!(peer.round_trip("!whoami").await?, "");
+    assert_eq!(peer.round_trip("!list").await?, "LIST 0");
+    assert_eq!(
+        peer.round_trip("link-level publish works").await?,
+        "link-level publish works"
+    );
+    env.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_envelopes_carry_subject_reply_to_and_binary_bodies() -> Result<()> {
+    let env = Env::start().await?;
+    let mut s1 = Server::start().await?;
+    let mut peers = component_with_links(
+        &env,
+        "json",
+        &mut [("json-h", &mut s1, &[("FORMAT", "json")])],
+    )
+    .await?;
+    let peer = &mut peers[0];
+
+    // The peer's subject reaches the component.
+    peer.send_json(json!({"subject": "chat.room1", "body": "!subject", "reply_to": "inbox.1"}))
+        .await?;
+    assert_eq!(
+        peer.recv_json().await?,
+        json!({"subject": "inbox.1", "body": "chat.room1"})
+    );
+    // The peer's reply_to reaches the component scoped to its session; a publish to it comes
+    // back to this peer with the peer's own subject.
+    peer.send_json(json!({"subject": "q", "body": "!whoami", "reply_to": "inbox.2"}))
+        .await?;
+    let answer = peer.recv_json().await?;
+    assert_eq!(answer["subject"], "inbox.2");
+    let scoped = answer["body"].as_str().context("body")?.to_string();
+    ensure!(
+        scoped.starts_with("ws.session.") && scoped.ends_with(".inbox.2"),
+        "{scoped}"
+    );
+    // Binary bodies travel as base64 both ways.
+    peer.send_json(json!({"subject": "bin", "body_base64": "AAEC/w==", "reply_to": "r"}))
+        .await?;
+    assert_eq!(
+        peer.recv_json().await?,
+        json!({"subject": "r", "body_base64": "AAEC/w=="})
+    );
+    // Without reply_to the answer goes to the session subject.
+    peer.send_json(json!({"subject": "s", "body": "plain"}))
+        .await?;
+    let answer = peer.recv_json().await?;
+    assert_eq!(answer["body"], "plain");
+    ensure!(
+        answer["subject"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("ws.session.")),
+        "{answer}"
+    );
+    env.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_envelopes_get_an_error_frame_and_the_session_keeps_working() -> Result<()> {
+    let env = Env::start().await?;
+    let mut s1 = Server::start().await?;
+    let mut peers = component_with_links(
+        &env,
+        "strict",
+        &mut [("strict-h", &mut s1, &[("FORMAT", "json")])],
+    )
+    .await?;
+    let peer = &mut peers[0];
+    let cases = [
+        ("{not json", "not valid JSON"),
+        ("[1, 2, 3]", "JSON object"),
+        (r#"{"body": "no subject"}"#, "subject is missing"),
+        (
+            r#"{"subject": 42, "body": "x"}"#,
+            "subject must be a string",
+        ),
+        (
+            r#"{"subject": "a", "body_base64": "%%%"}"#,
+            "not valid base64",
+        ),
+        (r#"{"subject": "a", "body": 7}"#, "body must be a string"),
+    ];
+    for (frame, expected) in cases {
+        peer.send_text(frame).await?;
+        let error = peer.recv_json().await?;
+        assert_eq!(error["error"]["code"], "invalid_envelope", "{frame}");
+        let message = error["error"]["message"].as_str().unwrap_or_default();
+        ensure!(message.contains(expected), "{frame}: {message}");
+    }
+    // A binary frame that is not JSON is refused the same way.
+    peer.send_binary(vec![0xff, 0x00]).await?;
+    assert_eq!(peer.recv_json().await?["error"]["code"], "invalid_envelope");
+    peer.send_json(json!({"subject": "ok", "body": "after the errors", "reply_to": "r"}))
+        .await?;
+    assert_eq!(
+        peer.recv_json().await?,
+        json!({"subject": "r", "body": "after the errors"})
+    );
+    env.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_component_request_gets_the_peers_reply() -> Result<()> {
+    let env = Env::start().await?;
+    let (mut s1, mut s2) = (Server::start().await?, Server::start().await?);
+    let mut peers = component_with_links(
+        &env,
+        "asker",
+        &mut [("asker-h", &mut s1, &[("FORMAT", "json")])],
+    )
+    .await?;
+    let peer = &mut peers[0];
+    peer.send_json(json!({"subject": "go", "body": "!request time.now 5000 what time is it", "reply_to": "out"}))
+        .await?;
+    // The request arrives as an envelope with a fresh inbox...
+    let request = peer.recv_json().await?;
+    assert_eq!(request["subject"], "time.now");
+    assert_eq!(request["body"], "what time is it");
+    let inbox = request["reply_to"]
+        .as_str()
+        .context("reply_to")?
+        .to_string();
+    ensure!(inbox.starts_with("_INBOX."), "{inbox}");
+    // ...and the peer's answer to that inbox is the component's reply.
+    peer.send_json(json!({"subject": inbox, "body": "noon"}))
+        .await?;
+    assert_eq!(
+        peer.recv_json().await?,
+        json!({"subject": "out", "body": format!("REPLY {inbox} noon")})
+    );
+
+    // In raw mode, request-reply is refused with a clear error.
+    let mut raw = component_with_links(&env, "raw-asker", &mut [("raw-h", &mut s2, &[])]).await?;
+    let answer = raw[0].round_trip("!request x 1000 hi").await?;
+    ensure!(
+        answer.contains("request-reply needs FORMAT=json"),
+        "{answer}"
+    );
+    env.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hundred_concurrent_requests_resolve_independently_and_silence_times_out() -> Result<()> {
+    use futures::{SinkExt, StreamExt};
+
+    let env = Env::start().await?;
+    let mut s1 = Server::start().await?;
+    let peers = component_with_links(
+        &env,
+        "many",
+        &mut [("many-h", &mut s1, &[("FORMAT", "json")])],
+    )
+    .await?;
+    let peer = peers.into_iter().next().context("peer")?;
+
+    // The peer answers each request with its own body reversed, in reverse arrival order, so
+    // replies arrive in a different order from the requests.
+    let responder = tokio::spawn(async move {
+        let (mut tx, mut rx) = peer.ws.split();
+        let mut pending = Vec::new();
+        while let Some(Ok(Message::Text(text))) = rx.next().await {
+            let request: serde_json::Value = serde_json::from_str(&text)?;
+            if request["body"] == "nobody answers" {
+                continue;
+            }
+            pending.push(request);
+            if pending.len() == 100 {
+                for request in pending.drain(..).rev() {
+                    let body: String = request["body"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .chars()
+                        .rev()
+                        .collect();
+                    let reply = json!({"subject": request["reply_to"], "body": body});
+                    tx.send(Message::text(reply.to_string())).await?;
+                }
+            }
+        }
+        anyhow::Ok(())
+    });
+
+    // Call the provider's export over wRPC exactly as the host does for a component.
+    let wrpc = wrpc_transport_nats::Client::new(
+        env.client.clone(),
+        format!("{LATTICE}.{PROVIDER_ID}"),
+        None,
+    )
+    .await?;
+    let call = |body: String, timeout_ms: u32| {
+        let wrpc = wrpc.clone();
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("source-id", "many");
+            headers.insert("link-name", "default");
+            let body = bytes::Bytes::from(body);
+            let request = client::wasmcloud::messaging::consumer::request(
+                &wrpc,
+                Some(headers),
+                "calc",
+                &body,
+                timeout_ms,
+            );
+            // Bound the whole call: wrpc-transport-nats 0.29 can lose a reply under load.
+            tokio::time::timeout(
+                Duration::from_millis(u64::from(timeout_ms) + 10_000),
+                request,
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("wRPC call hung"))?
+        }
+    };
+    let requests = (0..100).map(|i| call(format!("request-{i:03}"), 20_000));
+    let replies = futures::future::join_all(requests).await;
+    for (i, reply) in replies.into_iter().enumerate() {
+        let reply = reply?.map_err(|e| anyhow::anyhow!("request {i} failed: {e}"))?;
+        let expected: String = format!("request-{i:03}").chars().rev().collect();
+        assert_eq!(
+            String::from_utf8_lossy(&reply.body),
+            expected,
+            "request {i}"
+        );
+        ensure!(reply.subject.starts_with("_INBOX."), "{}", reply.subject);
+    }
+
+    let started = Instant::now();
+    let unanswered = call("nobody answers".into(), 1_000).await?;
+    let waited = started.elapsed();
+    let error = unanswered
+        .err()
+        .context("an unanswered request must fail")?;
+    ensure!(error.contains("timed out after 1000 ms"), "{error}");
+    ensure!(
+        waited >= Duration::from_millis(1_000),
+        "returned early: {waited:?}"
+    );
+    ensure!(waited < Duration::from_secs(6), "returned late: {waited:?}");
+    responder.abort();
+    env.stop().await
+}
