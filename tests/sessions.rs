@@ -16,12 +16,15 @@ mod client {
     wit_bindgen_wrpc::generate!({ world: "client", path: "tests/wit", generate_all });
 }
 
+/// One handler link: its name, the server it connects to, and extra config pairs.
+type LinkSpec<'a> = (&'a str, &'a mut Server, &'a [(&'a str, &'a str)]);
+
 /// Starts the test component `id` with the session API linked and one handler link per
 /// `(link name, server, extra config)`; returns one connected peer per link, in order.
 async fn component_with_links(
     env: &Env,
     id: &str,
-    links: &mut [(&str, &mut Server, &[(&str, &str)])],
+    links: &mut [LinkSpec<'_>],
 ) -> Result<Vec<Peer>> {
     env.component("test_echo", id).await?;
     env.link_consumer(id, "default", &[]).await?;
