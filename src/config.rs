@@ -21,6 +21,16 @@ pub const HEADER_PREFIX: &str = "HEADER_";
 pub const SUBJECT: &str = "SUBJECT";
 pub const FRAME_TYPE: &str = "FRAME_TYPE";
 pub const FORMAT: &str = "FORMAT";
+pub const MODE: &str = "MODE";
+pub const LISTEN_ADDRESS: &str = "LISTEN_ADDRESS";
+pub const PATH: &str = "PATH";
+pub const ALLOWED_ORIGINS: &str = "ALLOWED_ORIGINS";
+pub const MAX_CONNECTIONS: &str = "MAX_CONNECTIONS";
+pub const SUBPROTOCOLS: &str = "SUBPROTOCOLS";
+pub const TLS_CERT_FILE: &str = "TLS_CERT_FILE";
+pub const TLS_KEY_FILE: &str = "TLS_KEY_FILE";
+pub const LIFECYCLE_EVENTS: &str = "LIFECYCLE_EVENTS";
+pub const SESSION_HEADERS: &str = "SESSION_HEADERS";
 pub const HANDLER_TIMEOUT_MS: &str = "HANDLER_TIMEOUT_MS";
 pub const RECONNECT_MIN_MS: &str = "RECONNECT_MIN_MS";
 pub const RECONNECT_MAX_MS: &str = "RECONNECT_MAX_MS";
@@ -34,6 +44,8 @@ pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(250);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_SEND_QUEUE_LEN: usize = 1024;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_SESSION_HEADERS: &str = "origin,user-agent";
 
 /// A secret string whose `Debug` and `Display` never show the value.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -72,6 +84,25 @@ pub enum Format {
     Raw,
     /// Every frame is a JSON envelope with subject, body and reply_to (see `envelope`).
     Json,
+}
+
+/// What a server-mode link listens with (`MODE=server`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerSettings {
+    pub listen_address: std::net::SocketAddr,
+    /// The request path clients must use.
+    pub path: String,
+    /// Allowed `Origin` values; `None` allows any.
+    pub allowed_origins: Option<Vec<String>>,
+    pub max_connections: usize,
+    /// Subprotocols the server accepts, in order of preference.
+    pub subprotocols: Vec<String>,
+    /// PEM certificate chain and private key for `wss://`.
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Deliver `ws.lifecycle.connected` / `ws.lifecycle.disconnected` messages.
+    pub lifecycle_events: bool,
+    /// Request headers (lower-case names) kept in session info.
+    pub session_headers: Vec<String>,
 }
 
 /// A configuration value that could not be used.
@@ -123,6 +154,8 @@ pub struct LinkSettings {
     pub reconnect_max: Duration,
     pub max_message_bytes: usize,
     pub send_queue_len: usize,
+    /// Set when `MODE=server`: the link listens instead of connecting.
+    pub server: Option<ServerSettings>,
 }
 
 impl LinkSettings {
@@ -263,7 +296,16 @@ impl ProviderDefaults {
             None => DEFAULT_SEND_QUEUE_LEN,
         };
 
+        let server = match get(MODE).map(str::to_ascii_lowercase).as_deref() {
+            None | Some("client") => None,
+            Some("server") => Some(server_settings(&get)?),
+            Some(other) => {
+                return Err(err(MODE, format!("expected client or server, got {other:?}")))
+            }
+        };
+
         Ok(LinkSettings {
+            server,
             endpoint: Endpoint {
                 uri,
                 auth_token: auth_token.map(Secret::new),
@@ -282,6 +324,62 @@ impl ProviderDefaults {
             send_queue_len,
         })
     }
+}
+
+fn list(value: Option<&str>) -> Vec<String> {
+    value
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn server_settings<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<ServerSettings, ConfigError> {
+    let listen_address = get(LISTEN_ADDRESS)
+        .ok_or_else(|| err(LISTEN_ADDRESS, "is required with MODE=server"))?;
+    let listen_address = listen_address.parse().map_err(|_| {
+        err(
+            LISTEN_ADDRESS,
+            format!("{listen_address:?} is not an IP:port address, e.g. 0.0.0.0:8080"),
+        )
+    })?;
+    let path = get(PATH).unwrap_or("/").to_string();
+    if !path.starts_with('/') {
+        return Err(err(PATH, format!("{path:?} must start with /")));
+    }
+    let origins = list(get(ALLOWED_ORIGINS));
+    let allowed_origins = (!origins.is_empty() && !origins.iter().any(|o| o == "*")).then_some(origins);
+    let max_connections = match get(MAX_CONNECTIONS) {
+        Some(v) => usize::try_from(parse_positive(MAX_CONNECTIONS, v)?)
+            .map_err(|_| err(MAX_CONNECTIONS, "too large"))?,
+        None => DEFAULT_MAX_CONNECTIONS,
+    };
+    let tls = match (get(TLS_CERT_FILE), get(TLS_KEY_FILE)) {
+        (Some(cert), Some(key)) => Some((cert.into(), key.into())),
+        (None, None) => None,
+        (Some(_), None) => return Err(err(TLS_KEY_FILE, "is required with TLS_CERT_FILE")),
+        (None, Some(_)) => return Err(err(TLS_CERT_FILE, "is required with TLS_KEY_FILE")),
+    };
+    let lifecycle_events = match get(LIFECYCLE_EVENTS) {
+        Some(v) => parse_bool(LIFECYCLE_EVENTS, v)?,
+        None => false,
+    };
+    let session_headers = list(Some(get(SESSION_HEADERS).unwrap_or(DEFAULT_SESSION_HEADERS)))
+        .into_iter()
+        .map(|h| h.to_ascii_lowercase())
+        .collect();
+    Ok(ServerSettings {
+        listen_address,
+        path,
+        allowed_origins,
+        max_connections,
+        subprotocols: list(get(SUBPROTOCOLS)),
+        tls,
+        lifecycle_events,
+        session_headers,
+    })
 }
 
 fn validate_uri(uri: &str) -> Result<(), ConfigError> {
@@ -409,11 +507,44 @@ mod tests {
             ("ENABLE_SESSION_TRACKING", "maybe"),
             ("FRAME_TYPE", "morse"),
             ("FORMAT", "xml"),
+            ("MODE", "peer"),
             ("HEADER_bad name", "v"),
             ("HEADER_X", "line\nbreak"),
         ] {
             let e = parse(&[], &[(key, value)]).expect_err(key);
             assert_eq!(e.key.to_ascii_uppercase(), key.to_ascii_uppercase(), "{e}");
+        }
+    }
+
+    #[test]
+    fn server_mode_settings() {
+        let s = parse(
+            &[],
+            &[
+                ("mode", "server"),
+                ("listen_address", "127.0.0.1:9000"),
+                ("allowed_origins", "https://a.example, https://b.example"),
+                ("subprotocols", "chat.v2,chat.v1"),
+                ("lifecycle_events", "true"),
+            ],
+        )
+        .expect("parse");
+        let server = s.server.expect("server mode");
+        assert_eq!(server.listen_address.to_string(), "127.0.0.1:9000");
+        assert_eq!(server.path, "/");
+        assert_eq!(server.allowed_origins.expect("origins").len(), 2);
+        assert_eq!(server.subprotocols, ["chat.v2", "chat.v1"]);
+        assert_eq!(server.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert!(server.lifecycle_events);
+        assert_eq!(server.session_headers, ["origin", "user-agent"]);
+        for bad in [
+            vec![("MODE", "server")],
+            vec![("MODE", "server"), ("LISTEN_ADDRESS", "nowhere")],
+            vec![("MODE", "server"), ("LISTEN_ADDRESS", "127.0.0.1:1"), ("PATH", "x")],
+            vec![("MODE", "server"), ("LISTEN_ADDRESS", "127.0.0.1:1"), ("TLS_CERT_FILE", "c.pem")],
+            vec![("MODE", "server"), ("LISTEN_ADDRESS", "127.0.0.1:1"), ("MAX_CONNECTIONS", "0")],
+        ] {
+            assert!(parse(&[], &bad).is_err(), "{bad:?}");
         }
     }
 

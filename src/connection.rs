@@ -16,7 +16,8 @@ use crate::config::LinkSettings;
 use crate::dispatch::{self, Inbound, DELIVERY_QUEUE};
 use crate::sessions::{Registry, Session, SessionOptions};
 use crate::stats::Stats;
-use crate::ws::client::{self, ClientOptions, ConnState};
+use crate::ws::client::{self, ClientOptions};
+use crate::ws::socket::ConnState;
 
 pub struct Connection {
     pub session: Arc<Session>,

@@ -25,7 +25,7 @@ use crate::config::Format;
 use crate::envelope;
 use crate::sessions::Session;
 use crate::stats::Stats;
-use crate::ws::client::FrameSink;
+use crate::ws::socket::FrameSink;
 
 /// Messages that may wait for `handle-message` on one session before the reader pauses.
 pub const DELIVERY_QUEUE: usize = 16;

@@ -25,7 +25,7 @@ use crate::config::{Endpoint, FrameType, LinkSettings, ProviderDefaults};
 use crate::connection::Connection;
 use crate::sessions::{parse_session_subject, Registry, Route, Session};
 use crate::stats::Stats;
-use crate::ws::client::ConnState;
+use crate::ws::socket::ConnState;
 
 /// Where a publish goes: the session, the frame type, and the subject written in an envelope.
 pub struct Target {

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::config::{Format, FrameType};
 use crate::envelope::{self, Envelope};
-use crate::ws::client::{ConnState, Outbound};
+use crate::ws::socket::{ConnState, Outbound};
 
 /// Session subjects are this prefix followed by the session's UUID.
 pub const SESSION_SUBJECT_PREFIX: &str = "ws.session.";

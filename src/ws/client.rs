@@ -10,50 +10,21 @@
 //!
 //! This module knows nothing of wasmCloud or sessions.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{header, HeaderName, HeaderValue};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
+use super::socket::{serve, ConnState, End, FrameSink, Outbound};
 use crate::config::Endpoint;
-
-/// How many ready frames the writer feeds before it flushes.
-const WRITE_BATCH: usize = 64;
-/// How long the close handshake may take.
-const CLOSE_GRACE: Duration = Duration::from_millis(200);
 /// A connection that stayed up this long resets the reconnect backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(5);
-
-/// A frame to write, with an optional acknowledgement sent once it was flushed (or failed).
-#[derive(Debug)]
-pub struct Outbound {
-    pub message: Message,
-    pub ack: Option<oneshot::Sender<Result<(), String>>>,
-}
-
-/// Where inbound data frames go.
-pub trait FrameSink: Send + Sync + 'static {
-    /// Handles one text (`text == true`) or binary frame. The next frame is read after this ends.
-    fn frame(&self, payload: Bytes, text: bool) -> impl Future<Output = ()> + Send;
-}
-
-/// The connection state that the owner can watch.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ConnState {
-    Connecting,
-    Connected { since: SystemTime },
-    Disconnected { error: String },
-}
 
 /// Everything needed to open and keep one client connection.
 #[derive(Clone, Debug)]
@@ -119,11 +90,6 @@ impl Backoff {
     }
 }
 
-enum End {
-    Cancelled,
-    Dropped(String),
-}
-
 /// Runs the connection until `cancel` fires. Never returns early on errors: it reconnects.
 pub async fn run<S: FrameSink>(
     options: ClientOptions,
@@ -150,13 +116,13 @@ pub async fn run<S: FrameSink>(
                 state.send_replace(ConnState::Connected {
                     since: SystemTime::now(),
                 });
-                match serve(ws, sink.as_ref(), &mut outbound, &cancel).await {
+                match serve(ws, sink.as_ref(), &mut outbound, &cancel, CloseCode::Normal).await {
                     End::Cancelled => return,
-                    End::Dropped(reason) => {
+                    End::Dropped(closed) => {
                         if up_at.elapsed() >= STABLE_AFTER {
                             backoff.attempt = 0;
                         }
-                        reason
+                        closed.reason
                     }
                 }
             }
@@ -198,105 +164,6 @@ async fn connect(options: &ClientOptions) -> Result<Ws, String> {
     .await
     .map_err(|e| format!("connect failed: {e}"))?;
     Ok(ws)
-}
-
-async fn serve<S: FrameSink>(
-    ws: Ws,
-    sink: &S,
-    outbound: &mut mpsc::Receiver<Outbound>,
-    cancel: &CancellationToken,
-) -> End {
-    let (mut writer, mut reader) = ws.split();
-    let read = async {
-        while let Some(next) = reader.next().await {
-            match next {
-                Ok(Message::Text(text)) => sink.frame(Bytes::from(text), true).await,
-                Ok(Message::Binary(data)) => sink.frame(data, false).await,
-                Ok(Message::Close(frame)) => {
-                    return match frame {
-                        Some(f) => format!(
-                            "peer closed with code {} {:?}",
-                            u16::from(f.code),
-                            f.reason.as_str()
-                        ),
-                        None => "peer closed".to_string(),
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => return format!("read failed: {e}"),
-            }
-        }
-        "connection closed".to_string()
-    };
-    let write = write_loop(&mut writer, outbound);
-    let result = tokio::select! {
-        () = cancel.cancelled() => None,
-        reason = read => Some(reason),
-        reason = write => Some(reason),
-    };
-    match result {
-        Some(reason) => End::Dropped(reason),
-        None => {
-            let close = Message::Close(Some(CloseFrame {
-                code: CloseCode::Normal,
-                reason: "closed by the provider".into(),
-            }));
-            if tokio::time::timeout(CLOSE_GRACE, writer.send(close))
-                .await
-                .is_err()
-            {
-                debug!("close frame could not be written in time");
-            }
-            End::Cancelled
-        }
-    }
-}
-
-/// Writes queued frames: feeds every frame that is ready, flushes once, then acknowledges.
-/// After a close frame (a component closing the session) it gives the peer `CLOSE_GRACE` to
-/// answer, then ends, so a peer that never answers cannot hold the connection open.
-async fn write_loop<W>(writer: &mut W, outbound: &mut mpsc::Receiver<Outbound>) -> String
-where
-    W: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
-{
-    let mut acks = Vec::with_capacity(WRITE_BATCH);
-    loop {
-        let Some(first) = outbound.recv().await else {
-            return "send queue closed".to_string();
-        };
-        let mut next = Some(first);
-        let mut result = Ok(());
-        let mut closed = None;
-        while let Some(item) = next.take() {
-            acks.extend(item.ack);
-            if let Message::Close(frame) = &item.message {
-                closed = Some(frame.as_ref().map_or(1000, |f| u16::from(f.code)));
-            }
-            if let Err(e) = writer.feed(item.message).await {
-                result = Err(format!("write failed: {e}"));
-                break;
-            }
-            if acks.len() < WRITE_BATCH && closed.is_none() {
-                next = outbound.try_recv().ok();
-            }
-        }
-        if result.is_ok() {
-            result = writer
-                .flush()
-                .await
-                .map_err(|e| format!("write failed: {e}"));
-        }
-        for ack in acks.drain(..) {
-            let _ = ack.send(result.clone());
-        }
-        if let Err(e) = result {
-            return e;
-        }
-        if let Some(code) = closed {
-            tokio::time::sleep(CLOSE_GRACE).await;
-            return format!("closed by the component with code {code}");
-        }
-    }
 }
 
 #[cfg(test)]

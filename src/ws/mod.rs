@@ -1,3 +1,6 @@
-//! WebSocket transport: sockets, frames and reconnects. Nothing here knows about wasmCloud.
+//! WebSocket transport: sockets, frames, reconnects and listeners. Nothing here knows about
+//! wasmCloud.
 
 pub mod client;
+pub mod server;
+pub mod socket;
