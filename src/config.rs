@@ -300,7 +300,10 @@ impl ProviderDefaults {
             None | Some("client") => None,
             Some("server") => Some(server_settings(&get)?),
             Some(other) => {
-                return Err(err(MODE, format!("expected client or server, got {other:?}")))
+                return Err(err(
+                    MODE,
+                    format!("expected client or server, got {other:?}"),
+                ))
             }
         };
 
@@ -336,9 +339,11 @@ fn list(value: Option<&str>) -> Vec<String> {
         .collect()
 }
 
-fn server_settings<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<ServerSettings, ConfigError> {
-    let listen_address = get(LISTEN_ADDRESS)
-        .ok_or_else(|| err(LISTEN_ADDRESS, "is required with MODE=server"))?;
+fn server_settings<'a>(
+    get: &impl Fn(&str) -> Option<&'a str>,
+) -> Result<ServerSettings, ConfigError> {
+    let listen_address =
+        get(LISTEN_ADDRESS).ok_or_else(|| err(LISTEN_ADDRESS, "is required with MODE=server"))?;
     let listen_address = listen_address.parse().map_err(|_| {
         err(
             LISTEN_ADDRESS,
@@ -350,7 +355,8 @@ fn server_settings<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<ServerS
         return Err(err(PATH, format!("{path:?} must start with /")));
     }
     let origins = list(get(ALLOWED_ORIGINS));
-    let allowed_origins = (!origins.is_empty() && !origins.iter().any(|o| o == "*")).then_some(origins);
+    let allowed_origins =
+        (!origins.is_empty() && !origins.iter().any(|o| o == "*")).then_some(origins);
     let max_connections = match get(MAX_CONNECTIONS) {
         Some(v) => usize::try_from(parse_positive(MAX_CONNECTIONS, v)?)
             .map_err(|_| err(MAX_CONNECTIONS, "too large"))?,
@@ -366,10 +372,12 @@ fn server_settings<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<ServerS
         Some(v) => parse_bool(LIFECYCLE_EVENTS, v)?,
         None => false,
     };
-    let session_headers = list(Some(get(SESSION_HEADERS).unwrap_or(DEFAULT_SESSION_HEADERS)))
-        .into_iter()
-        .map(|h| h.to_ascii_lowercase())
-        .collect();
+    let session_headers = list(Some(
+        get(SESSION_HEADERS).unwrap_or(DEFAULT_SESSION_HEADERS),
+    ))
+    .into_iter()
+    .map(|h| h.to_ascii_lowercase())
+    .collect();
     Ok(ServerSettings {
         listen_address,
         path,
@@ -540,9 +548,21 @@ mod tests {
         for bad in [
             vec![("MODE", "server")],
             vec![("MODE", "server"), ("LISTEN_ADDRESS", "nowhere")],
-            vec![("MODE", "server"), ("LISTEN_ADDRESS", "127.0.0.1:1"), ("PATH", "x")],
-            vec![("MODE", "server"), ("LISTEN_ADDRESS", "127.0.0.1:1"), ("TLS_CERT_FILE", "c.pem")],
-            vec![("MODE", "server"), ("LISTEN_ADDRESS", "127.0.0.1:1"), ("MAX_CONNECTIONS", "0")],
+            vec![
+                ("MODE", "server"),
+                ("LISTEN_ADDRESS", "127.0.0.1:1"),
+                ("PATH", "x"),
+            ],
+            vec![
+                ("MODE", "server"),
+                ("LISTEN_ADDRESS", "127.0.0.1:1"),
+                ("TLS_CERT_FILE", "c.pem"),
+            ],
+            vec![
+                ("MODE", "server"),
+                ("LISTEN_ADDRESS", "127.0.0.1:1"),
+                ("MAX_CONNECTIONS", "0"),
+            ],
         ] {
             assert!(parse(&[], &bad).is_err(), "{bad:?}");
         }

@@ -47,6 +47,7 @@ impl Connection {
                 tracking: settings.session_tracking,
                 frame_type: settings.frame_type,
                 format: settings.format,
+                request: None,
             },
             state_rx,
             out_tx,

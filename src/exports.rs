@@ -8,18 +8,54 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
+use futures::future::join_all;
 use tracing::debug;
 use uuid::Uuid;
 use wasmcloud_provider_sdk::Context;
 
 use crate::bindings::exports::wasmcloud::messaging::consumer;
-use crate::bindings::exports::wasmcloud_websocket::provider::sessions::{self, SessionInfo};
+use crate::bindings::exports::wasmcloud_websocket::provider::sessions::{
+    self, RequestInfo, SessionInfo,
+};
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
-use crate::config::Format;
+use crate::config::{Format, FrameType};
 use crate::provider::WsProvider;
 use crate::sessions::Session;
 use crate::stats::Stats;
+
+/// Writes `msg` to one session, as its format and the frame type say.
+async fn send_to(
+    session: &Session,
+    subject: &str,
+    msg: &BrokerMessage,
+    frame_type: Option<FrameType>,
+) -> Result<(), String> {
+    let frame = session.frame(
+        subject,
+        msg.body.clone(),
+        msg.reply_to.as_deref(),
+        frame_type.unwrap_or(session.frame_type),
+    )?;
+    session.send(frame).await
+}
+
+/// Writes `msg` to every session concurrently; one result per session.
+async fn send_all(
+    sessions: &[Arc<Session>],
+    subject: &str,
+    msg: &BrokerMessage,
+    frame_type: Option<FrameType>,
+) -> Vec<Result<(), String>> {
+    join_all(
+        sessions
+            .iter()
+            .map(|s| send_to(s, subject, msg, frame_type)),
+    )
+    .await
+}
 
 fn caller(cx: &Option<Context>) -> Result<(&str, &str), String> {
     let cx = cx.as_ref().ok_or("invocation carries no context")?;
@@ -48,14 +84,29 @@ impl WsProvider {
     ) -> Result<(), String> {
         let (component, link_name) = caller(cx)?;
         let target = self.route_publish(component, link_name, &msg.subject)?;
-        debug!(component, link = link_name, session = %target.session.id, bytes = msg.body.len(), "publish");
-        let frame = target.session.frame(
-            &target.subject,
-            msg.body,
-            msg.reply_to.as_deref(),
-            target.frame_type,
-        )?;
-        target.session.send(frame).await
+        debug!(
+            component,
+            link = link_name,
+            sessions = target.sessions.len(),
+            bytes = msg.body.len(),
+            "publish"
+        );
+        match target.sessions.as_slice() {
+            [session] => send_to(session, &target.subject, &msg, target.frame_type).await,
+            sessions => {
+                let results = send_all(sessions, &target.subject, &msg, target.frame_type).await;
+                let failed: Vec<&String> =
+                    results.iter().filter_map(|r| r.as_ref().err()).collect();
+                match failed.first() {
+                    None => Ok(()),
+                    Some(first) => Err(format!(
+                        "{} of {} sessions did not get the message; first error: {first}",
+                        failed.len(),
+                        sessions.len()
+                    )),
+                }
+            }
+        }
     }
 
     async fn request_reply(
@@ -67,7 +118,12 @@ impl WsProvider {
     ) -> Result<BrokerMessage, String> {
         let (component, link_name) = caller(cx)?;
         let target = self.route_publish(component, link_name, subject)?;
-        let session = &target.session;
+        let [session] = target.sessions.as_slice() else {
+            return Err(format!(
+                "subject {subject:?} names {} sessions; a request goes to one session (use its session subject)",
+                target.sessions.len()
+            ));
+        };
         if session.format != Format::Json {
             return Err(format!(
                 "request-reply needs FORMAT=json on the link of session {}; raw frames have no reply subject",
@@ -76,7 +132,8 @@ impl WsProvider {
         }
         let inbox = format!("_INBOX.{}", Uuid::new_v4().simple());
         let reply = session.expect_reply(inbox.clone())?;
-        let frame = session.frame(&target.subject, body, Some(&inbox), target.frame_type)?;
+        let frame_type = target.frame_type.unwrap_or(session.frame_type);
+        let frame = session.frame(&target.subject, body, Some(&inbox), frame_type)?;
         if let Err(e) = session.send(frame).await {
             session.forget_reply(&inbox);
             return Err(e);
@@ -137,7 +194,22 @@ fn to_wit(info: crate::sessions::SessionInfo) -> SessionInfo {
         connected: info.connected,
         connected_since_ms: info.connected_since_ms,
         metadata: info.metadata,
+        groups: info.groups,
+        request: info.request.map(|r| RequestInfo {
+            path: r.path,
+            query: r.query,
+            headers: r.headers,
+            subprotocol: r.subprotocol,
+        }),
     }
+}
+
+/// How many of `results` succeeded, counting each publish.
+fn delivered(provider: &WsProvider, results: &[Result<(), String>]) -> u32 {
+    for result in results {
+        provider.count_publish(result);
+    }
+    u32::try_from(results.iter().filter(|r| r.is_ok()).count()).unwrap_or(u32::MAX)
 }
 
 impl sessions::Handler<Option<Context>> for WsProvider {
@@ -167,17 +239,10 @@ impl sessions::Handler<Option<Context>> for WsProvider {
         id: String,
         msg: BrokerMessage,
     ) -> anyhow::Result<Result<(), String>> {
-        let result = async {
-            let session = self.session_of(&cx, &id)?;
-            let frame = session.frame(
-                &msg.subject,
-                msg.body,
-                msg.reply_to.as_deref(),
-                session.frame_type,
-            )?;
-            session.send(frame).await
-        }
-        .await;
+        let result = match self.session_of(&cx, &id) {
+            Ok(session) => send_to(&session, &msg.subject, &msg, None).await,
+            Err(e) => Err(e),
+        };
         self.count_publish(&result);
         Ok(result)
     }
@@ -187,32 +252,95 @@ impl sessions::Handler<Option<Context>> for WsProvider {
         cx: Option<Context>,
         msg: BrokerMessage,
     ) -> anyhow::Result<Result<u32, String>> {
-        let component = match caller(&cx) {
-            Ok((component, _)) => component,
+        let (component, _) = match caller(&cx) {
+            Ok(c) => c,
             Err(e) => return Ok(Err(e)),
         };
-        let sends = self
+        let sessions: Vec<_> = self
             .owned_sessions(component)
             .into_iter()
             .filter(|s| s.is_connected())
-            .map(|session| {
-                let msg = &msg;
-                async move {
-                    let frame = session.frame(
-                        &msg.subject,
-                        msg.body.clone(),
-                        msg.reply_to.as_deref(),
-                        session.frame_type,
-                    )?;
-                    session.send(frame).await
-                }
-            });
-        let results = futures::future::join_all(sends).await;
-        for result in &results {
-            self.count_publish(result);
-        }
-        let delivered = results.iter().filter(|r| r.is_ok()).count();
-        Ok(Ok(u32::try_from(delivered).unwrap_or(u32::MAX)))
+            .collect();
+        let results = send_all(&sessions, &msg.subject, &msg, None).await;
+        Ok(Ok(delivered(self, &results)))
+    }
+
+    async fn send_many(
+        &self,
+        cx: Option<Context>,
+        ids: Vec<String>,
+        msg: BrokerMessage,
+    ) -> anyhow::Result<Result<u32, String>> {
+        // Every ID must be the caller's: nothing is sent when one is not.
+        let sessions: Result<Vec<_>, String> =
+            ids.iter().map(|id| self.session_of(&cx, id)).collect();
+        let mut sessions = match sessions {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        sessions.sort_by_key(|s| s.id);
+        sessions.dedup_by_key(|s| s.id);
+        let results = send_all(&sessions, &msg.subject, &msg, None).await;
+        Ok(Ok(delivered(self, &results)))
+    }
+
+    async fn join_group(
+        &self,
+        cx: Option<Context>,
+        id: String,
+        group: String,
+    ) -> anyhow::Result<Result<(), String>> {
+        Ok(self
+            .session_of(&cx, &id)
+            .and_then(|s| self.registry().join(&s, &group)))
+    }
+
+    async fn leave_group(
+        &self,
+        cx: Option<Context>,
+        id: String,
+        group: String,
+    ) -> anyhow::Result<Result<(), String>> {
+        Ok(self
+            .session_of(&cx, &id)
+            .map(|s| self.registry().leave(&s, &group)))
+    }
+
+    async fn group_members(
+        &self,
+        cx: Option<Context>,
+        group: String,
+    ) -> anyhow::Result<Result<Vec<String>, String>> {
+        Ok(caller(&cx).map(|(component, _)| {
+            let mut ids: Vec<String> = self
+                .registry()
+                .group_members(component, &group)
+                .iter()
+                .map(|s| s.id.to_string())
+                .collect();
+            ids.sort();
+            ids
+        }))
+    }
+
+    async fn send_group(
+        &self,
+        cx: Option<Context>,
+        group: String,
+        msg: BrokerMessage,
+    ) -> anyhow::Result<Result<u32, String>> {
+        let (component, _) = match caller(&cx) {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(e)),
+        };
+        let members: Vec<_> = self
+            .registry()
+            .group_members(component, &group)
+            .into_iter()
+            .filter(|s| s.is_connected())
+            .collect();
+        let results = send_all(&members, &msg.subject, &msg, None).await;
+        Ok(Ok(delivered(self, &results)))
     }
 
     async fn set_metadata(

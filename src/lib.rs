@@ -12,6 +12,7 @@ pub mod connection;
 pub mod dispatch;
 pub mod envelope;
 pub mod exports;
+pub mod listener;
 pub mod provider;
 pub mod sessions;
 pub mod stats;

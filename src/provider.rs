@@ -23,14 +23,16 @@ use wasmcloud_provider_sdk::{
 
 use crate::config::{Endpoint, FrameType, LinkSettings, ProviderDefaults};
 use crate::connection::Connection;
+use crate::listener::Listener;
 use crate::sessions::{parse_session_subject, Registry, Route, Session};
 use crate::stats::Stats;
 use crate::ws::socket::ConnState;
 
-/// Where a publish goes: the session, the frame type, and the subject written in an envelope.
+/// Where a publish goes: the sessions, the frame type chosen by the consumer link (if it set
+/// one), and the subject written in an envelope.
 pub struct Target {
-    pub session: Arc<Session>,
-    pub frame_type: FrameType,
+    pub sessions: Vec<Arc<Session>>,
+    pub frame_type: Option<FrameType>,
     pub subject: String,
 }
 
@@ -73,9 +75,16 @@ struct ConsumerLink {
     frame_type: Option<FrameType>,
 }
 
+/// A provider->component link in server mode: its listener and the subject of its clients.
+struct ServerLink {
+    listener: Arc<Listener>,
+    subject: String,
+}
+
 #[derive(Default)]
 struct Links {
     handlers: HashMap<LinkKey, HandlerLink>,
+    servers: HashMap<LinkKey, ServerLink>,
     consumers: HashMap<LinkKey, ConsumerLink>,
     pool: HashMap<(String, Endpoint), Weak<Connection>>,
     /// Links whose config was refused, with the reason (reported by health).
@@ -219,6 +228,9 @@ impl WsProvider {
                 return Err(e.into());
             }
         };
+        if settings.server.is_some() {
+            return self.put_server_link(key, &settings).await;
+        }
         let conn = self.connection(component, link_name, &settings).await?;
         conn.session.add_route(Route {
             link_name: link_name.to_string(),
@@ -236,6 +248,33 @@ impl WsProvider {
         Ok(())
     }
 
+    async fn put_server_link(&self, key: LinkKey, settings: &LinkSettings) -> anyhow::Result<()> {
+        let (component, link_name) = (&key.0, &key.1);
+        let wrpc = self.wrpc_for(component).await?;
+        let listener = match Listener::start(
+            component,
+            link_name,
+            settings,
+            wrpc,
+            Arc::clone(&self.inner.registry),
+            Arc::clone(&self.inner.stats),
+        )
+        .await
+        {
+            Ok(listener) => listener,
+            Err(e) => {
+                self.record_error(Direction::Handler, key, e.clone());
+                anyhow::bail!(e);
+            }
+        };
+        info!(component = %component, link = %link_name, address = ?listener.address, "server link listening");
+        let subject = settings.inbound_subject(link_name);
+        let mut links = self.links();
+        links.errors.remove(&(Direction::Handler, key.clone()));
+        links.servers.insert(key, ServerLink { listener, subject });
+        Ok(())
+    }
+
     async fn put_consumer_link(
         &self,
         component: &str,
@@ -250,6 +289,11 @@ impl WsProvider {
                 return Err(e.into());
             }
         };
+        if settings.server.is_some() {
+            let e = "MODE=server belongs on the handler link (provider -> component), not the consumer link".to_string();
+            self.record_error(Direction::Consumer, key, e.clone());
+            anyhow::bail!(e);
+        }
         let conn = if settings.uri_set_on_link {
             Some(self.connection(component, link_name, &settings).await?)
         } else {
@@ -276,7 +320,9 @@ impl WsProvider {
             let mut links = self.links();
             links.errors.remove(&(direction, key.clone()));
             removed_any = match direction {
-                Direction::Handler => links.handlers.remove(&key).is_some(),
+                Direction::Handler => {
+                    links.handlers.remove(&key).is_some() | links.servers.remove(&key).is_some()
+                }
                 Direction::Consumer => links.consumers.remove(&key).is_some(),
             };
             links.prune_pool();
@@ -294,11 +340,11 @@ impl WsProvider {
         );
     }
 
-    /// Chooses the session a component's publish or request goes to.
+    /// Chooses the sessions a component's publish or request goes to.
     ///
-    /// A session subject names the session directly (only the caller's own). Any other subject
-    /// goes out on the consumer link's own connection, else on the component's only handler-link
-    /// connection.
+    /// A session subject names one session (only the caller's own). The subject of one of the
+    /// caller's server-mode links names every client of that link. Any other subject goes out on
+    /// the consumer link's own connection, else on the component's only client connection.
     pub fn route_publish(
         &self,
         component: &str,
@@ -309,10 +355,10 @@ impl WsProvider {
         let consumer = links
             .consumers
             .get(&(component.to_string(), link_name.to_string()));
-        let frame_type_override = consumer.and_then(|c| c.frame_type);
-        let target = |session: &Arc<Session>, subject: &str| Target {
-            session: Arc::clone(session),
-            frame_type: frame_type_override.unwrap_or(session.frame_type),
+        let frame_type = consumer.and_then(|c| c.frame_type);
+        let target = |sessions: Vec<Arc<Session>>, subject: &str| Target {
+            sessions,
+            frame_type,
             subject: subject.to_string(),
         };
         if let Some(named) = parse_session_subject(subject) {
@@ -321,27 +367,45 @@ impl WsProvider {
                 .registry
                 .get_owned(component, &named.id)
                 .ok_or_else(|| format!("unknown session {}", named.id))?;
-            return Ok(target(&session, named.peer_subject.unwrap_or(subject)));
+            return Ok(target(vec![session], named.peer_subject.unwrap_or(subject)));
+        }
+        let server_link = links
+            .servers
+            .iter()
+            .filter(|((c, _), server)| c == component && server.subject == subject)
+            .map(|((_, link), _)| link.clone())
+            .min();
+        if let Some(server_link) = server_link {
+            let clients = self
+                .inner
+                .registry
+                .owned_by(component)
+                .into_iter()
+                .filter(|s| s.link_name == server_link && s.request.is_some())
+                .collect();
+            return Ok(target(clients, subject));
         }
         if let Some(conn) = consumer.and_then(|c| c.conn.as_ref()) {
-            return Ok(target(&conn.session, subject));
+            return Ok(target(vec![Arc::clone(&conn.session)], subject));
         }
-        let mut sessions: Vec<&Arc<Session>> = links
+        let mut sessions: Vec<Arc<Session>> = links
             .handlers
             .iter()
             .filter(|((c, _), _)| c == component)
-            .map(|(_, h)| &h.conn.session)
+            .map(|(_, h)| Arc::clone(&h.conn.session))
             .collect();
         sessions.sort_by_key(|s| s.id);
         sessions.dedup_by_key(|s| s.id);
-        match sessions.as_slice() {
-            [] => Err(format!(
+        match sessions.len() {
+            0 if links.servers.keys().any(|(c, _)| c == component) => Err(format!(
+                "subject {subject:?} names no session or server link of {component}: publish to a session subject, or to a server link's subject to reach all its clients"
+            )),
+            0 => Err(format!(
                 "component {component} has no WebSocket connection: link a handler with URI, or set URI on the consumer link {link_name:?}"
             )),
-            [session] => Ok(target(session, subject)),
-            _ => Err(format!(
-                "component {component} has {} WebSocket connections; publish to a session subject (the reply_to of an inbound message) to choose one",
-                sessions.len()
+            1 => Ok(target(sessions, subject)),
+            n => Err(format!(
+                "component {component} has {n} WebSocket connections; publish to a session subject (the reply_to of an inbound message) to choose one"
             )),
         }
     }
@@ -352,6 +416,10 @@ impl WsProvider {
             .ok()
             .and_then(|uuid| self.inner.registry.get_owned(component, &uuid))
             .ok_or_else(|| format!("unknown session {id}"))
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
     }
 
     /// The caller's tracked sessions.
@@ -455,13 +523,14 @@ impl Provider for WsProvider {
     }
 
     async fn shutdown(&self) -> anyhow::Result<()> {
-        let (handlers, consumers) = {
+        let (handlers, consumers, servers) = {
             let mut links = self.links();
             links.pool.clear();
             links.errors.clear();
             (
                 std::mem::take(&mut links.handlers),
                 std::mem::take(&mut links.consumers),
+                std::mem::take(&mut links.servers),
             )
         };
         let mut conns: Vec<Arc<Connection>> = handlers
@@ -471,8 +540,10 @@ impl Provider for WsProvider {
             .collect();
         conns.sort_by_key(|c| c.session.id);
         conns.dedup_by_key(|c| c.session.id);
-        join_all(conns.iter().map(|c| c.close(SHUTDOWN_GRACE))).await;
-        drop((handlers, consumers));
+        let closing = conns.iter().map(|c| c.close(SHUTDOWN_GRACE));
+        let stopping = servers.values().map(|s| s.listener.close(SHUTDOWN_GRACE));
+        futures::future::join(join_all(closing), join_all(stopping)).await;
+        drop((handlers, consumers, servers));
         self.inner.clients.lock().await.clear();
         info!("websocket messaging provider shut down");
         Ok(())

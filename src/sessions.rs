@@ -6,7 +6,7 @@
 //! queue, its metadata and its pending requests. Lookups by ID check the owner, so a component
 //! never reaches another's session.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::UNIX_EPOCH;
 
@@ -27,6 +27,9 @@ pub const SESSION_SUBJECT_PREFIX: &str = "ws.session.";
 pub const MAX_METADATA_ENTRIES: usize = 32;
 pub const MAX_METADATA_KEY_BYTES: usize = 128;
 pub const MAX_METADATA_VALUE_BYTES: usize = 4096;
+/// Group limits: name length, and groups one session may be in.
+pub const MAX_GROUP_NAME_BYTES: usize = 128;
+pub const MAX_GROUPS_PER_SESSION: usize = 64;
 /// Requests that may wait for a reply on one session at once.
 pub const MAX_PENDING_REQUESTS: usize = 10_000;
 
@@ -74,6 +77,17 @@ pub struct Session {
     routes: Mutex<Vec<Route>>,
     metadata: Mutex<BTreeMap<String, String>>,
     pending: Mutex<HashMap<String, oneshot::Sender<Envelope>>>,
+    groups: Mutex<BTreeSet<String>>,
+    pub request: Option<RequestInfo>,
+}
+
+/// The upgrade request of a server-mode session.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestInfo {
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub subprotocol: Option<String>,
 }
 
 /// What the session API shows of a session.
@@ -85,6 +99,8 @@ pub struct SessionInfo {
     pub connected: bool,
     pub connected_since_ms: Option<u64>,
     pub metadata: Vec<(String, String)>,
+    pub groups: Vec<String>,
+    pub request: Option<RequestInfo>,
 }
 
 /// Options of a new session (from the link that opens it).
@@ -95,6 +111,7 @@ pub struct SessionOptions {
     pub tracking: bool,
     pub frame_type: FrameType,
     pub format: Format,
+    pub request: Option<RequestInfo>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -130,6 +147,8 @@ impl Session {
             routes: Mutex::default(),
             metadata: Mutex::default(),
             pending: Mutex::default(),
+            groups: Mutex::default(),
+            request: options.request,
         }
     }
 
@@ -151,6 +170,8 @@ impl Session {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            groups: lock(&self.groups).iter().cloned().collect(),
+            request: self.request.clone(),
         }
     }
 
@@ -324,10 +345,12 @@ pub fn encode(body: Bytes, frame_type: FrameType) -> Result<Message, String> {
     }
 }
 
-/// All live sessions, keyed by ID.
+/// All live sessions, keyed by ID, and the groups of each component.
 #[derive(Default)]
 pub struct Registry {
     sessions: DashMap<Uuid, Arc<Session>>,
+    /// (component, group) -> member sessions.
+    groups: DashMap<(String, String), BTreeSet<Uuid>>,
 }
 
 impl Registry {
@@ -335,8 +358,72 @@ impl Registry {
         self.sessions.insert(session.id, session);
     }
 
+    /// Removes a session, and with it its group memberships.
     pub fn remove(&self, id: &Uuid) {
-        self.sessions.remove(id);
+        let Some((_, session)) = self.sessions.remove(id) else {
+            return;
+        };
+        let groups = std::mem::take(&mut *lock(&session.groups));
+        for group in groups {
+            let key = (session.component_id.clone(), group);
+            self.groups.remove_if_mut(&key, |_, members| {
+                members.remove(id);
+                members.is_empty()
+            });
+        }
+    }
+
+    /// Adds `session` to its component's group `group`.
+    pub fn join(&self, session: &Session, group: &str) -> Result<(), String> {
+        if group.is_empty() || group.len() > MAX_GROUP_NAME_BYTES {
+            return Err(format!(
+                "group names must be 1 to {MAX_GROUP_NAME_BYTES} bytes"
+            ));
+        }
+        {
+            let mut groups = lock(&session.groups);
+            if !groups.contains(group) && groups.len() >= MAX_GROUPS_PER_SESSION {
+                return Err(format!(
+                    "a session may be in at most {MAX_GROUPS_PER_SESSION} groups"
+                ));
+            }
+            groups.insert(group.to_string());
+        }
+        self.groups
+            .entry((session.component_id.clone(), group.to_string()))
+            .or_default()
+            .insert(session.id);
+        // The session may have ended meanwhile: do not leave a dangling member behind.
+        if !self.sessions.contains_key(&session.id) {
+            self.remove_member(session, group);
+        }
+        Ok(())
+    }
+
+    /// Removes `session` from its component's group `group` (absent is fine).
+    pub fn leave(&self, session: &Session, group: &str) {
+        lock(&session.groups).remove(group);
+        self.remove_member(session, group);
+    }
+
+    fn remove_member(&self, session: &Session, group: &str) {
+        let key = (session.component_id.clone(), group.to_string());
+        self.groups.remove_if_mut(&key, |_, members| {
+            members.remove(&session.id);
+            members.is_empty()
+        });
+    }
+
+    /// The live sessions in `component_id`'s group `group`.
+    pub fn group_members(&self, component_id: &str, group: &str) -> Vec<Arc<Session>> {
+        let ids: Vec<Uuid> = self
+            .groups
+            .get(&(component_id.to_string(), group.to_string()))
+            .map(|m| m.iter().copied().collect())
+            .unwrap_or_default();
+        ids.iter()
+            .filter_map(|id| self.get_owned(component_id, id))
+            .collect()
     }
 
     /// The session `id` if it belongs to `component_id` and is tracked. A foreign, untracked
@@ -384,6 +471,7 @@ mod tests {
                 tracking,
                 frame_type: FrameType::Auto,
                 format: Format::Raw,
+                request: None,
             },
             state,
             out,
@@ -416,6 +504,26 @@ mod tests {
         assert!(reg.get_owned("b", &mine.id).is_none());
         assert!(reg.get_owned("a", &untracked.id).is_none());
         assert!(reg.get_owned("a", &Uuid::new_v4()).is_none());
+    }
+
+    #[test]
+    fn groups_follow_their_sessions() {
+        let reg = Registry::default();
+        let (a, b, other) = (session("c", true), session("c", true), session("d", true));
+        for s in [&a, &b, &other] {
+            reg.insert(Arc::clone(s));
+        }
+        reg.join(&a, "room").expect("join");
+        reg.join(&b, "room").expect("join");
+        reg.join(&other, "room").expect("join");
+        assert_eq!(reg.group_members("c", "room").len(), 2);
+        assert_eq!(reg.group_members("d", "room").len(), 1);
+        reg.leave(&a, "room");
+        assert_eq!(reg.group_members("c", "room").len(), 1);
+        reg.remove(&b.id);
+        assert!(reg.group_members("c", "room").is_empty());
+        assert!(reg.join(&a, "").is_err());
+        assert_eq!(a.info().groups.len(), 0);
     }
 
     #[test]

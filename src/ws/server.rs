@@ -73,7 +73,10 @@ pub fn load_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|e| format!("cannot read TLS_CERT_FILE {}: {e}", cert.display()))?;
     if certs.is_empty() {
-        return Err(format!("TLS_CERT_FILE {} holds no certificate", cert.display()));
+        return Err(format!(
+            "TLS_CERT_FILE {} holds no certificate",
+            cert.display()
+        ));
     }
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("cannot read TLS_KEY_FILE {}: {e}", key.display()))?;
@@ -222,13 +225,14 @@ async fn upgrade<T, A>(
         return;
     };
     let (sink, mut outbound, guard) = acceptor.open(peer);
-    let closed = match socket::serve(ws, sink.as_ref(), &mut outbound, cancel, CloseCode::Away).await {
-        End::Dropped(closed) => closed,
-        End::Cancelled => Closed {
-            code: 1001,
-            reason: "link deleted or provider shutting down".to_string(),
-        },
-    };
+    let closed =
+        match socket::serve(ws, sink.as_ref(), &mut outbound, cancel, CloseCode::Away).await {
+            End::Dropped(closed) => closed,
+            End::Cancelled => Closed {
+                code: 1001,
+                reason: "link deleted or provider shutting down".to_string(),
+            },
+        };
     acceptor.closed(guard, closed);
 }
 
@@ -259,7 +263,10 @@ fn admit(
     let settings = &options.settings;
     let uri = request.uri();
     if uri.path() != settings.path {
-        return Err(refuse(StatusCode::NOT_FOUND, "no WebSocket endpoint at this path"));
+        return Err(refuse(
+            StatusCode::NOT_FOUND,
+            "no WebSocket endpoint at this path",
+        ));
     }
     if let Some(token) = &options.token {
         let from_header = request
@@ -313,7 +320,10 @@ fn admit(
                     .insert(header::SEC_WEBSOCKET_PROTOCOL, value);
             }
             (None, false) => {
-                return Err(refuse(StatusCode::BAD_REQUEST, "none of the offered subprotocols is supported"))
+                return Err(refuse(
+                    StatusCode::BAD_REQUEST,
+                    "none of the offered subprotocols is supported",
+                ))
             }
             (None, true) => {}
         }
@@ -322,7 +332,10 @@ fn admit(
     let previous = active.fetch_add(1, Ordering::AcqRel);
     let slot = Slot(Arc::clone(active));
     if previous >= settings.max_connections {
-        return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "too many connections"));
+        return Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections",
+        ));
     }
     let headers = settings
         .session_headers
@@ -387,19 +400,57 @@ mod tests {
         let o = options();
         let addr = "127.0.0.1:1".parse().expect("addr");
         let active = Arc::new(AtomicUsize::new(0));
-        let good = [("origin", "https://ok.example"), ("authorization", "Bearer t0k")];
+        let good = [
+            ("origin", "https://ok.example"),
+            ("authorization", "Bearer t0k"),
+        ];
         let check = |uri: &str, headers: &[(&str, &str)]| {
-            status(admit(&request(uri, headers), Response::default(), addr, &o, &active))
+            status(admit(
+                &request(uri, headers),
+                Response::default(),
+                addr,
+                &o,
+                &active,
+            ))
         };
         assert_eq!(check("/other", &good), 404);
         assert_eq!(check("/ws", &[("origin", "https://ok.example")]), 401);
-        assert_eq!(check("/ws", &[("origin", "https://ok.example"), ("authorization", "Bearer nope")]), 401);
-        assert_eq!(check("/ws", &[("authorization", "Bearer t0k"), ("origin", "https://evil.example")]), 403);
-        assert_eq!(check("/ws", &[good[0], good[1], ("sec-websocket-protocol", "v9")]), 400);
+        assert_eq!(
+            check(
+                "/ws",
+                &[
+                    ("origin", "https://ok.example"),
+                    ("authorization", "Bearer nope")
+                ]
+            ),
+            401
+        );
+        assert_eq!(
+            check(
+                "/ws",
+                &[
+                    ("authorization", "Bearer t0k"),
+                    ("origin", "https://evil.example")
+                ]
+            ),
+            403
+        );
+        assert_eq!(
+            check("/ws", &[good[0], good[1], ("sec-websocket-protocol", "v9")]),
+            400
+        );
         assert_eq!(check("/ws?access_token=t0k", &[good[0]]), 101);
 
         let (peer, slot, response) = admit(
-            &request("/ws?x=1", &[good[0], good[1], ("sec-websocket-protocol", "v1, v2"), ("user-agent", "ua")]),
+            &request(
+                "/ws?x=1",
+                &[
+                    good[0],
+                    good[1],
+                    ("sec-websocket-protocol", "v1, v2"),
+                    ("user-agent", "ua"),
+                ],
+            ),
             Response::default(),
             addr,
             &o,

@@ -100,6 +100,12 @@ where
                     }
                 }
                 Ok(_) => {}
+                Err(tokio_tungstenite::tungstenite::Error::Capacity(e)) => {
+                    return Closed {
+                        code: 1009,
+                        reason: format!("message too big: {e}"),
+                    }
+                }
                 Err(e) => return Closed::abnormal(format!("read failed: {e}")),
             }
         }
@@ -112,7 +118,16 @@ where
         reason = write => Some(reason),
     };
     match result {
-        Some(reason) => End::Dropped(reason),
+        Some(closed) if closed.code == 1009 => {
+            // Tell the peer why: the oversize message was never buffered whole.
+            let close = Message::Close(Some(CloseFrame {
+                code: CloseCode::Size,
+                reason: "message too big".into(),
+            }));
+            let _ = tokio::time::timeout(CLOSE_GRACE, writer.send(close)).await;
+            End::Dropped(closed)
+        }
+        Some(closed) => End::Dropped(closed),
         None => {
             let close = Message::Close(Some(CloseFrame {
                 code: cancel_code,

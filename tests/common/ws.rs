@@ -4,18 +4,69 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderMap;
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::MaybeTlsStream;
 use tokio_tungstenite::WebSocketStream;
 
-/// One accepted connection: the upgrade request's headers and path, and the socket.
-pub struct Peer {
+/// One connection: on the server side, the upgrade request's headers and path; on the client
+/// side, the upgrade response's headers.
+pub struct Peer<S = TcpStream> {
     pub headers: HeaderMap,
     pub path: String,
-    pub ws: WebSocketStream<TcpStream>,
+    pub ws: WebSocketStream<S>,
+}
+
+pub type ClientPeer = Peer<MaybeTlsStream<TcpStream>>;
+
+/// Connects to the provider's listener as a WebSocket client would, with extra headers.
+pub async fn connect(url: &str, headers: &[(&str, &str)]) -> Result<ClientPeer> {
+    connect_with(url, headers, None).await
+}
+
+/// Like [`connect`], with a TLS connector (for `wss://` with a test CA).
+pub async fn connect_with(
+    url: &str,
+    headers: &[(&str, &str)],
+    connector: Option<tokio_tungstenite::Connector>,
+) -> Result<ClientPeer> {
+    let mut request = url.into_client_request()?;
+    for (k, v) in headers {
+        request.headers_mut().insert(
+            HeaderName::from_bytes(k.as_bytes())?,
+            HeaderValue::from_str(v)?,
+        );
+    }
+    let (ws, response) = tokio::time::timeout(
+        Duration::from_secs(15),
+        tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector),
+    )
+    .await
+    .context("connect timed out")??;
+    Ok(Peer {
+        headers: response.headers().clone(),
+        path: String::new(),
+        ws,
+    })
+}
+
+/// Tries to connect and returns the HTTP status of a refused upgrade (101 when accepted).
+pub async fn upgrade_status(url: &str, headers: &[(&str, &str)]) -> Result<u16> {
+    match connect(url, headers).await {
+        Ok(_) => Ok(101),
+        Err(e) => match e.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+            Some(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                Ok(response.status().as_u16())
+            }
+            _ => Err(e),
+        },
+    }
 }
 
 /// A listening WebSocket server; each accepted upgrade arrives on `accept()`.
@@ -81,7 +132,7 @@ impl Server {
     }
 }
 
-impl Peer {
+impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
     pub async fn send_text(&mut self, text: &str) -> Result<()> {
         self.ws.send(Message::text(text)).await?;
         Ok(())

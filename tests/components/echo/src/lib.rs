@@ -9,6 +9,9 @@
 //! - `!get <id>`, `!send <id> <text>`, `!broadcast <text>`, `!close <id> <code> <reason>`;
 //! - `!meta-set <id> <key> <value>`, `!meta-get <id> <key>`, `!meta-del <id> <key>`;
 //! - `!request <subject> <timeout-ms> <text>`: answers `REPLY <subject> <body>`;
+//! - `!join <id> <group>`, `!leave <id> <group>`, `!members <group>`, `!group-send <group> <text>`,
+//!   `!send-many <id,id,...> <text>`, `!request-info <id>`;
+//! - a lifecycle message (`ws.lifecycle.*`) is forwarded as `<subject> <body>` to `out`;
 //! - anything else: answers the body unchanged (an echo).
 //!
 //! A failing call answers `ERR <error>`.
@@ -125,12 +128,49 @@ fn command(msg: &BrokerMessage, text: &str) -> Result<Option<String>, String> {
                 String::from_utf8_lossy(&reply.body)
             ))
         }
+        "!join" => {
+            let (id, group) = (arg(), arg());
+            sessions::join_group(&id, &group)?;
+            Some("JOINED".to_string())
+        }
+        "!leave" => {
+            let (id, group) = (arg(), arg());
+            sessions::leave_group(&id, &group)?;
+            Some("LEFT".to_string())
+        }
+        "!members" => Some(format!("MEMBERS {}", sessions::group_members(&arg())?.join(","))),
+        "!group-send" => {
+            let (group, body) = rest.split_once(' ').unwrap_or((rest, ""));
+            Some(format!("GROUP {}", sessions::send_group(group, &message("group", body))?))
+        }
+        "!send-many" => {
+            let (ids, body) = rest.split_once(' ').unwrap_or((rest, ""));
+            let ids: Vec<String> = ids.split(',').map(str::to_string).collect();
+            Some(format!("MANY {}", sessions::send_many(&ids, &message("many", body))?))
+        }
+        "!request-info" => {
+            let info = sessions::get_session(&arg())?;
+            let r = info.request.ok_or("no request info")?;
+            let headers: Vec<String> = r.headers.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            Some(format!(
+                "REQ {}|{}|{}|{}",
+                r.path,
+                r.query.unwrap_or_default(),
+                headers.join(","),
+                r.subprotocol.unwrap_or_default()
+            ))
+        }
         _ => return Err("not a command".to_string()),
     })
 }
 
 impl Guest for Echo {
     fn handle_message(msg: BrokerMessage) -> Result<(), String> {
+        if msg.subject.starts_with("ws.lifecycle.") {
+            let mut body = format!("{} ", msg.subject).into_bytes();
+            body.extend_from_slice(&msg.body);
+            return consumer::publish(&message("out", body));
+        }
         let answer_to = msg.reply_to.clone().unwrap_or_else(|| "out".to_string());
         let answer = |body: Vec<u8>| consumer::publish(&message(&answer_to, body));
         match std::str::from_utf8(&msg.body) {

@@ -1,0 +1,208 @@
+//! A server-mode link: one listener per (component, link name), one session per client.
+//!
+//! [`Listener::start`] binds the address (so "address in use" is the link's error, reported at
+//! once) and runs the transport's accept loop. Each admitted client becomes a registered
+//! session of the component, with the link's route, its own `handle-message` delivery task and,
+//! when `LIFECYCLE_EVENTS` is on, a `ws.lifecycle.connected` message before its first frame and
+//! a `ws.lifecycle.disconnected` message after its last. Dropping the handle (link deleted)
+//! closes the listener and every client with a close frame (1001).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use wasmcloud_provider_sdk::provider::WrpcClient;
+
+use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
+use crate::config::LinkSettings;
+use crate::dispatch::{self, Inbound, DELIVERY_QUEUE};
+use crate::sessions::{Registry, RequestInfo, Route, Session, SessionOptions};
+use crate::stats::Stats;
+use crate::ws::server::{Accept, PeerInfo, Server, ServerOptions};
+use crate::ws::socket::{Closed, ConnState, Outbound};
+
+pub const LIFECYCLE_CONNECTED: &str = "ws.lifecycle.connected";
+pub const LIFECYCLE_DISCONNECTED: &str = "ws.lifecycle.disconnected";
+
+pub struct Listener {
+    pub address: Option<SocketAddr>,
+    cancel: CancellationToken,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Listener {
+    /// Binds and starts accepting clients for `component_id` on link `link_name`.
+    pub async fn start(
+        component_id: &str,
+        link_name: &str,
+        settings: &LinkSettings,
+        wrpc: WrpcClient,
+        registry: Arc<Registry>,
+        stats: Arc<Stats>,
+    ) -> Result<Arc<Self>, String> {
+        let server_settings = settings
+            .server
+            .clone()
+            .ok_or_else(|| "link is not in server mode".to_string())?;
+        let lifecycle = server_settings.lifecycle_events;
+        let server = Server::bind(ServerOptions {
+            settings: server_settings,
+            token: settings.endpoint.auth_token.clone(),
+            max_message_bytes: settings.max_message_bytes,
+            handshake_timeout: settings.connect_timeout,
+        })
+        .await?;
+        let address = server.local_addr();
+        let acceptor = Arc::new(Sessions {
+            component_id: component_id.to_string(),
+            link_name: link_name.to_string(),
+            subject: settings.inbound_subject(link_name),
+            settings: settings.clone(),
+            lifecycle,
+            wrpc,
+            registry,
+            stats,
+        });
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(server.run(acceptor, cancel.clone()));
+        Ok(Arc::new(Self {
+            address,
+            cancel,
+            task: Mutex::new(Some(task)),
+        }))
+    }
+
+    /// Stops accepting, closes every client, and waits up to `grace` for them.
+    pub async fn close(&self, grace: Duration) {
+        self.cancel.cancel();
+        let task = self.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            let _ = tokio::time::timeout(grace, task).await;
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Turns admitted clients into sessions of one component's link.
+struct Sessions {
+    component_id: String,
+    link_name: String,
+    subject: String,
+    settings: LinkSettings,
+    lifecycle: bool,
+    wrpc: WrpcClient,
+    registry: Arc<Registry>,
+    stats: Arc<Stats>,
+}
+
+/// Lives as long as one client connection.
+struct Guard {
+    session: Arc<Session>,
+    queue: mpsc::Sender<BrokerMessage>,
+    _state: watch::Sender<ConnState>,
+}
+
+impl Accept for Sessions {
+    type Sink = Inbound;
+    type Guard = Guard;
+
+    fn open(&self, peer: PeerInfo) -> (Arc<Inbound>, mpsc::Receiver<Outbound>, Guard) {
+        let (state_tx, state_rx) = watch::channel(ConnState::Connected {
+            since: SystemTime::now(),
+        });
+        let (out_tx, out_rx) = mpsc::channel(self.settings.send_queue_len);
+        let session = Arc::new(Session::new(
+            SessionOptions {
+                component_id: self.component_id.clone(),
+                link_name: self.link_name.clone(),
+                remote: peer.addr.to_string(),
+                tracking: self.settings.session_tracking,
+                frame_type: self.settings.frame_type,
+                format: self.settings.format,
+                request: Some(RequestInfo {
+                    path: peer.path,
+                    query: peer.query,
+                    headers: peer.headers,
+                    subprotocol: peer.subprotocol,
+                }),
+            },
+            state_rx,
+            out_tx,
+        ));
+        session.add_route(Route {
+            link_name: self.link_name.clone(),
+            subject: self.subject.clone(),
+        });
+        self.registry.insert(Arc::clone(&session));
+        let (queue_tx, queue_rx) = mpsc::channel(DELIVERY_QUEUE);
+        if self.lifecycle {
+            let body = serde_json::json!({
+                "session": session.id.to_string(),
+                "link": self.link_name,
+                "remote": session.remote,
+                "path": session.request.as_ref().map(|r| r.path.clone()),
+            });
+            let _ = queue_tx.try_send(BrokerMessage {
+                subject: LIFECYCLE_CONNECTED.to_string(),
+                body: Bytes::from(body.to_string()),
+                reply_to: session.tracking.then(|| session.subject()),
+            });
+        }
+        tokio::spawn(dispatch::deliver(
+            Arc::clone(&session),
+            self.wrpc.clone(),
+            self.settings.handler_timeout,
+            Arc::clone(&self.stats),
+            queue_rx,
+        ));
+        let inbound = Arc::new(Inbound {
+            session: Arc::clone(&session),
+            queue: queue_tx.clone(),
+            stats: Arc::clone(&self.stats),
+        });
+        let guard = Guard {
+            session,
+            queue: queue_tx,
+            _state: state_tx,
+        };
+        (inbound, out_rx, guard)
+    }
+
+    fn closed(&self, guard: Guard, closed: Closed) {
+        let Guard {
+            session,
+            queue,
+            _state: state,
+        } = guard;
+        state.send_replace(ConnState::Disconnected {
+            error: closed.reason.clone(),
+        });
+        self.registry.remove(&session.id);
+        if self.lifecycle {
+            let body = serde_json::json!({
+                "session": session.id.to_string(),
+                "link": self.link_name,
+                "code": closed.code,
+                "reason": closed.reason,
+            });
+            let message = BrokerMessage {
+                subject: LIFECYCLE_DISCONNECTED.to_string(),
+                body: Bytes::from(body.to_string()),
+                reply_to: None,
+            };
+            // Queued behind the session's last messages, so it is delivered after them.
+            tokio::spawn(async move {
+                let _ = queue.send(message).await;
+            });
+        }
+    }
+}
