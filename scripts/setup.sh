@@ -11,13 +11,21 @@ fi
 toolchain=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
 rustup toolchain install "$toolchain" --profile minimal -c rustfmt,clippy -t wasm32-wasip2 >/dev/null
 
-if ! command -v "${TEST_NATS_BIN:-nats-server}" >/dev/null 2>&1; then
+# install <command> <debian package> <what to set instead>
+updated=no
+install() {
+  command -v "$1" >/dev/null 2>&1 && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing nats-server with apt-get" >&2
-    apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+    echo "installing $2 with apt-get" >&2
+    if [ "$updated" = no ]; then apt-get update -qq >/dev/null; updated=yes; fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
   else
-    echo "missing: nats-server (sudo apt-get install nats-server, or set TEST_NATS_BIN)" >&2
+    echo "missing: $1 (sudo apt-get install $2, or set $3)" >&2
     exit 1
   fi
+}
+install "${TEST_NATS_BIN:-nats-server}" nats-server TEST_NATS_BIN
+if [ "${1:-}" = --tests ]; then
+  # The browser test opens a page in headless Chromium.
+  install "${CHROMIUM_BIN:-chromium}" chromium CHROMIUM_BIN
 fi

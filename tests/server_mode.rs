@@ -295,7 +295,7 @@ async fn a_wss_client_trusting_a_test_ca_completes_a_round_trip() -> Result<()> 
 async fn deleting_the_link_closes_every_client_and_a_taken_address_fails_clearly() -> Result<()> {
     let env = Env::start().await?;
     let url = serve(&env, "first", "first-server", &[]).await?;
-    let mut clients = vec![connect(&url, &[]).await?, connect(&url, &[]).await?];
+    let mut clients = [connect(&url, &[]).await?, connect(&url, &[]).await?];
 
     // A second link asking for the same address is refused; the first keeps working.
     let address = url.trim_start_matches("ws://").to_string();
