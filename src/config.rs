@@ -31,6 +31,9 @@ pub const TLS_CERT_FILE: &str = "TLS_CERT_FILE";
 pub const TLS_KEY_FILE: &str = "TLS_KEY_FILE";
 pub const LIFECYCLE_EVENTS: &str = "LIFECYCLE_EVENTS";
 pub const SESSION_HEADERS: &str = "SESSION_HEADERS";
+pub const PING_INTERVAL_SEC: &str = "PING_INTERVAL_SEC";
+pub const PONG_TIMEOUT_SEC: &str = "PONG_TIMEOUT_SEC";
+pub const IDLE_TIMEOUT_SEC: &str = "IDLE_TIMEOUT_SEC";
 pub const HANDLER_TIMEOUT_MS: &str = "HANDLER_TIMEOUT_MS";
 pub const RECONNECT_MIN_MS: &str = "RECONNECT_MIN_MS";
 pub const RECONNECT_MAX_MS: &str = "RECONNECT_MAX_MS";
@@ -45,6 +48,8 @@ pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_SEND_QUEUE_LEN: usize = 1024;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SESSION_HEADERS: &str = "origin,user-agent";
 
 /// A secret string whose `Debug` and `Display` never show the value.
@@ -156,6 +161,7 @@ pub struct LinkSettings {
     pub send_queue_len: usize,
     /// Set when `MODE=server`: the link listens instead of connecting.
     pub server: Option<ServerSettings>,
+    pub keepalive: crate::ws::socket::Keepalive,
 }
 
 impl LinkSettings {
@@ -296,6 +302,26 @@ impl ProviderDefaults {
             None => DEFAULT_SEND_QUEUE_LEN,
         };
 
+        // 0 turns a keepalive timer off.
+        let seconds_or_off =
+            |key: &str, default: Option<Duration>| -> Result<Option<Duration>, ConfigError> {
+                match get(key) {
+                    None => Ok(default),
+                    Some(v) => match v.parse::<u64>() {
+                        Ok(0) => Ok(None),
+                        Ok(n) => Ok(Some(Duration::from_secs(n))),
+                        Err(_) => Err(err(key, format!("{v:?} is not a whole number"))),
+                    },
+                }
+            };
+        let keepalive = crate::ws::socket::Keepalive {
+            ping_interval: seconds_or_off(PING_INTERVAL_SEC, Some(DEFAULT_PING_INTERVAL))?,
+            pong_timeout: match get(PONG_TIMEOUT_SEC) {
+                Some(v) => Duration::from_secs(parse_positive(PONG_TIMEOUT_SEC, v)?),
+                None => DEFAULT_PONG_TIMEOUT,
+            },
+            idle_timeout: seconds_or_off(IDLE_TIMEOUT_SEC, None)?,
+        };
         let server = match get(MODE).map(str::to_ascii_lowercase).as_deref() {
             None | Some("client") => None,
             Some("server") => Some(server_settings(&get)?),
@@ -309,6 +335,7 @@ impl ProviderDefaults {
 
         Ok(LinkSettings {
             server,
+            keepalive,
             endpoint: Endpoint {
                 uri,
                 auth_token: auth_token.map(Secret::new),
@@ -516,6 +543,8 @@ mod tests {
             ("FRAME_TYPE", "morse"),
             ("FORMAT", "xml"),
             ("MODE", "peer"),
+            ("PING_INTERVAL_SEC", "often"),
+            ("PONG_TIMEOUT_SEC", "0"),
             ("HEADER_bad name", "v"),
             ("HEADER_X", "line\nbreak"),
         ] {

@@ -59,6 +59,7 @@ impl Connection {
             reconnect_min: settings.reconnect_min,
             reconnect_max: settings.reconnect_max,
             max_message_bytes: settings.max_message_bytes,
+            keepalive: settings.keepalive,
         };
         let (queue_tx, queue_rx) = mpsc::channel(DELIVERY_QUEUE);
         // Ends by itself once the socket task (which owns the sending side) has ended.

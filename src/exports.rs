@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::join_all;
-use tracing::debug;
+use tracing::{debug, trace};
 use uuid::Uuid;
 use wasmcloud_provider_sdk::Context;
 
@@ -69,7 +69,10 @@ fn caller(cx: &Option<Context>) -> Result<(&str, &str), String> {
 impl WsProvider {
     fn count_publish(&self, result: &Result<(), String>) {
         match result {
-            Ok(()) => Stats::bump(&self.stats().published),
+            Ok(()) => {
+                Stats::bump(&self.stats().published);
+                trace!("publish written");
+            }
             Err(error) => {
                 Stats::bump(&self.stats().publish_errors);
                 debug!(%error, "publish refused");

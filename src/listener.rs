@@ -54,6 +54,7 @@ impl Listener {
             token: settings.endpoint.auth_token.clone(),
             max_message_bytes: settings.max_message_bytes,
             handshake_timeout: settings.connect_timeout,
+            keepalive: settings.keepalive,
         })
         .await?;
         let address = server.local_addr();

@@ -48,7 +48,8 @@ async fn http_server(listener: TcpListener, html: String, results: mpsc::Unbound
                 let _ = results.send(query.to_string());
                 "HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n".to_string()
             } else {
-                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_string()
+                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    .to_string()
             };
             let _ = stream.write_all(response.as_bytes()).await;
         });
@@ -104,13 +105,18 @@ async fn a_browser_page_connects_with_the_query_token_and_shows_the_reply() -> R
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("failed to start {chromium}: install Debian's chromium package"))?;
+        .with_context(|| {
+            format!("failed to start {chromium}: install Debian's chromium package")
+        })?;
 
     let shown = tokio::time::timeout(Duration::from_secs(60), results.recv())
         .await
         .context("the page reported nothing within 60 s")?
         .context("result channel closed")?;
-    ensure!(shown == "hello%20from%20the%20browser", "the page shows {shown:?}");
+    ensure!(
+        shown == "hello%20from%20the%20browser",
+        "the page shows {shown:?}"
+    );
     server.abort();
     env.stop().await
 }

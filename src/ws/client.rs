@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::socket::{serve, ConnState, End, FrameSink, Outbound};
+use super::socket::{serve, ConnState, End, FrameSink, Keepalive, Outbound};
 use crate::config::Endpoint;
 /// A connection that stayed up this long resets the reconnect backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(5);
@@ -34,6 +34,7 @@ pub struct ClientOptions {
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     pub max_message_bytes: usize,
+    pub keepalive: Keepalive,
 }
 
 impl ClientOptions {
@@ -116,7 +117,16 @@ pub async fn run<S: FrameSink>(
                 state.send_replace(ConnState::Connected {
                     since: SystemTime::now(),
                 });
-                match serve(ws, sink.as_ref(), &mut outbound, &cancel, CloseCode::Normal).await {
+                match serve(
+                    ws,
+                    sink.as_ref(),
+                    &mut outbound,
+                    &cancel,
+                    CloseCode::Normal,
+                    options.keepalive,
+                )
+                .await
+                {
                     End::Cancelled => return,
                     End::Dropped(closed) => {
                         if up_at.elapsed() >= STABLE_AFTER {

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::socket::{self, Closed, End, FrameSink, Outbound};
+use super::socket::{self, Closed, End, FrameSink, Keepalive, Outbound};
 use crate::config::{Secret, ServerSettings};
 
 /// The query parameter a browser uses to present the token (browsers cannot set headers).
@@ -43,6 +43,7 @@ pub struct ServerOptions {
     pub token: Option<Secret>,
     pub max_message_bytes: usize,
     pub handshake_timeout: Duration,
+    pub keepalive: Keepalive,
 }
 
 /// What an admitted client's upgrade request said.
@@ -225,14 +226,22 @@ async fn upgrade<T, A>(
         return;
     };
     let (sink, mut outbound, guard) = acceptor.open(peer);
-    let closed =
-        match socket::serve(ws, sink.as_ref(), &mut outbound, cancel, CloseCode::Away).await {
-            End::Dropped(closed) => closed,
-            End::Cancelled => Closed {
-                code: 1001,
-                reason: "link deleted or provider shutting down".to_string(),
-            },
-        };
+    let closed = match socket::serve(
+        ws,
+        sink.as_ref(),
+        &mut outbound,
+        cancel,
+        CloseCode::Away,
+        options.keepalive,
+    )
+    .await
+    {
+        End::Dropped(closed) => closed,
+        End::Cancelled => Closed {
+            code: 1001,
+            reason: "link deleted or provider shutting down".to_string(),
+        },
+    };
     acceptor.closed(guard, closed);
 }
 
@@ -377,6 +386,7 @@ mod tests {
             token: Some(Secret::new("t0k")),
             max_message_bytes: 1024,
             handshake_timeout: Duration::from_secs(1),
+            keepalive: Keepalive::default(),
         }
     }
 

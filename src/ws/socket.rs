@@ -6,7 +6,8 @@
 //! each frame. Cancelling sends a close frame. Nothing here knows about wasmCloud.
 
 use std::future::Future;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
@@ -58,6 +59,40 @@ impl Closed {
     }
 }
 
+/// Keepalive settings of one socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Send a ping this often; `None` sends none.
+    pub ping_interval: Option<Duration>,
+    /// A peer silent for `ping_interval + pong_timeout` (no pong, no frame) is dead.
+    pub pong_timeout: Duration,
+    /// Close (1001) a socket that carried no data frame for this long; `None` never does.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// When the socket last heard anything, and last carried data, in ms since it opened.
+struct Liveness {
+    opened: Instant,
+    last_seen: AtomicU64,
+    last_data: AtomicU64,
+}
+
+impl Liveness {
+    fn now(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+    fn seen(&self, data: bool) {
+        let now = self.now();
+        self.last_seen.store(now, Ordering::Relaxed);
+        if data {
+            self.last_data.store(now, Ordering::Relaxed);
+        }
+    }
+    fn silent_for(&self, last: &AtomicU64) -> Duration {
+        Duration::from_millis(self.now().saturating_sub(last.load(Ordering::Relaxed)))
+    }
+}
+
 pub enum End {
     /// The owner cancelled; a close frame with the given code was sent.
     Cancelled,
@@ -72,14 +107,21 @@ pub async fn serve<S, T>(
     outbound: &mut mpsc::Receiver<Outbound>,
     cancel: &CancellationToken,
     cancel_code: CloseCode,
+    keepalive: Keepalive,
 ) -> End
 where
     S: FrameSink,
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut writer, mut reader) = ws.split();
+    let liveness = Liveness {
+        opened: Instant::now(),
+        last_seen: AtomicU64::new(0),
+        last_data: AtomicU64::new(0),
+    };
     let read = async {
         while let Some(next) = reader.next().await {
+            liveness.seen(matches!(next, Ok(Message::Text(_) | Message::Binary(_))));
             match next {
                 Ok(Message::Text(text)) => sink.frame(Bytes::from(text), true).await,
                 Ok(Message::Binary(data)) => sink.frame(data, false).await,
@@ -111,18 +153,23 @@ where
         }
         Closed::abnormal("connection closed".to_string())
     };
-    let write = write_loop(&mut writer, outbound);
+    let write = write_loop(&mut writer, outbound, keepalive, &liveness);
     let result = tokio::select! {
         () = cancel.cancelled() => None,
         reason = read => Some(reason),
         reason = write => Some(reason),
     };
     match result {
-        Some(closed) if closed.code == 1009 => {
-            // Tell the peer why: the oversize message was never buffered whole.
+        Some(closed) if matches!(closed.code, 1009 | 1001) => {
+            // Tell the peer why: an oversize message (never buffered whole) or an idle socket.
             let close = Message::Close(Some(CloseFrame {
-                code: CloseCode::Size,
-                reason: "message too big".into(),
+                code: CloseCode::from(closed.code),
+                reason: if closed.code == 1009 {
+                    "message too big"
+                } else {
+                    "idle timeout"
+                }
+                .into(),
             }));
             let _ = tokio::time::timeout(CLOSE_GRACE, writer.send(close)).await;
             End::Dropped(closed)
@@ -147,14 +194,62 @@ where
 /// Writes queued frames: feeds every frame that is ready, flushes once, then acknowledges.
 /// After a close frame (a component closing the session) it gives the peer `CLOSE_GRACE` to
 /// answer, then ends, so a peer that never answers cannot hold the connection open.
-async fn write_loop<W>(writer: &mut W, outbound: &mut mpsc::Receiver<Outbound>) -> Closed
+/// Between writes it sends keepalive pings and ends the socket when the peer is dead or idle.
+async fn write_loop<W>(
+    writer: &mut W,
+    outbound: &mut mpsc::Receiver<Outbound>,
+    keepalive: Keepalive,
+    liveness: &Liveness,
+) -> Closed
 where
     W: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
     let mut acks = Vec::with_capacity(WRITE_BATCH);
+    let tick_every = [keepalive.ping_interval, keepalive.idle_timeout]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|d| d.min(Duration::from_secs(1)).max(Duration::from_millis(50)));
+    let mut ticker = tick_every
+        .map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+    let mut last_ping = Instant::now();
     loop {
-        let Some(first) = outbound.recv().await else {
-            return Closed::abnormal("send queue closed".to_string());
+        let next = match ticker.as_mut() {
+            Some(ticker) => tokio::select! {
+                item = outbound.recv() => Some(item),
+                _ = ticker.tick() => None,
+            },
+            None => Some(outbound.recv().await),
+        };
+        let first = match next {
+            Some(Some(first)) => first,
+            Some(None) => return Closed::abnormal("send queue closed".to_string()),
+            None => {
+                if let Some(interval) = keepalive.ping_interval {
+                    if liveness.silent_for(&liveness.last_seen) > interval + keepalive.pong_timeout
+                    {
+                        return Closed::abnormal(format!(
+                            "peer did not answer pings for {} s",
+                            (interval + keepalive.pong_timeout).as_secs()
+                        ));
+                    }
+                    if last_ping.elapsed() >= interval {
+                        last_ping = Instant::now();
+                        if let Err(e) = writer.send(Message::Ping(Bytes::new())).await {
+                            return Closed::abnormal(format!("ping failed: {e}"));
+                        }
+                    }
+                }
+                if let Some(idle) = keepalive.idle_timeout {
+                    if liveness.silent_for(&liveness.last_data) > idle {
+                        return Closed {
+                            code: 1001,
+                            reason: format!("idle for {} s", idle.as_secs()),
+                        };
+                    }
+                }
+                continue;
+            }
         };
         let mut next = Some(first);
         let mut result = Ok(());

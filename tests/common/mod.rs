@@ -197,8 +197,13 @@ impl Env {
         .context("provider did not start healthy")
     }
 
-    /// Starts `count` instances of test component `name` under the ID `id`.
+    /// Starts test component `name` under the ID `id` (at most one instance at a time).
     pub async fn component(&self, name: &str, id: &str) -> Result<()> {
+        self.component_scaled(name, id, 1).await
+    }
+
+    /// Starts test component `name` under the ID `id`, with up to `count` instances at once.
+    pub async fn component_scaled(&self, name: &str, id: &str, count: u32) -> Result<()> {
         let path = component(name)?;
         assert_scale_component(
             &self.ctl,
@@ -206,7 +211,7 @@ impl Env {
             format!("file://{}", path.display()),
             id,
             None,
-            1,
+            count,
             vec![],
             Duration::from_secs(60),
         )
