@@ -34,6 +34,7 @@ pub const SESSION_HEADERS: &str = "SESSION_HEADERS";
 pub const PING_INTERVAL_SEC: &str = "PING_INTERVAL_SEC";
 pub const PONG_TIMEOUT_SEC: &str = "PONG_TIMEOUT_SEC";
 pub const IDLE_TIMEOUT_SEC: &str = "IDLE_TIMEOUT_SEC";
+pub const PUBLISH_WAIT_MS: &str = "PUBLISH_WAIT_MS";
 pub const HANDLER_TIMEOUT_MS: &str = "HANDLER_TIMEOUT_MS";
 pub const RECONNECT_MIN_MS: &str = "RECONNECT_MIN_MS";
 pub const RECONNECT_MAX_MS: &str = "RECONNECT_MAX_MS";
@@ -50,6 +51,7 @@ pub const DEFAULT_SEND_QUEUE_LEN: usize = 1024;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_PUBLISH_WAIT: Duration = Duration::from_secs(5);
 pub const DEFAULT_SESSION_HEADERS: &str = "origin,user-agent";
 
 /// A secret string whose `Debug` and `Display` never show the value.
@@ -162,6 +164,8 @@ pub struct LinkSettings {
     /// Set when `MODE=server`: the link listens instead of connecting.
     pub server: Option<ServerSettings>,
     pub keepalive: crate::ws::socket::Keepalive,
+    /// How long a publish waits for a disconnected client connection to come back.
+    pub publish_wait: Duration,
 }
 
 impl LinkSettings {
@@ -333,9 +337,11 @@ impl ProviderDefaults {
             }
         };
 
+        let publish_wait = ms(PUBLISH_WAIT_MS, DEFAULT_PUBLISH_WAIT)?;
         Ok(LinkSettings {
             server,
             keepalive,
+            publish_wait,
             endpoint: Endpoint {
                 uri,
                 auth_token: auth_token.map(Secret::new),

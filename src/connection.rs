@@ -48,6 +48,8 @@ impl Connection {
                 frame_type: settings.frame_type,
                 format: settings.format,
                 request: None,
+                reconnect_wait: Some(settings.publish_wait),
+                max_waiting: settings.send_queue_len,
             },
             state_rx,
             out_tx,

@@ -30,6 +30,12 @@ use crate::ws::socket::FrameSink;
 /// Messages that may wait for `handle-message` on one session before the reader pauses.
 pub const DELIVERY_QUEUE: usize = 16;
 
+/// `handle-message` calls in flight across all sessions of the provider. When all are taken,
+/// delivery waits, session queues fill, and readers stop reading their sockets.
+pub const MAX_CONCURRENT_HANDLERS: usize = 256;
+static HANDLER_SLOTS: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(MAX_CONCURRENT_HANDLERS);
+
 /// The reader-side sink of one session.
 pub struct Inbound {
     pub session: Arc<Session>,
@@ -101,6 +107,9 @@ pub async fn deliver(
     mut queue: mpsc::Receiver<BrokerMessage>,
 ) {
     while let Some(message) = queue.recv().await {
+        let Ok(_slot) = HANDLER_SLOTS.acquire().await else {
+            return;
+        };
         let session = &session;
         let call = handler::handle_message(&wrpc, None, &message);
         match tokio::time::timeout(timeout, call).await {

@@ -135,6 +135,8 @@ impl Accept for Sessions {
                     headers: peer.headers,
                     subprotocol: peer.subprotocol,
                 }),
+                reconnect_wait: None,
+                max_waiting: 0,
             },
             state_rx,
             out_tx,

@@ -427,6 +427,40 @@ impl WsProvider {
         self.inner.registry.owned_by(component)
     }
 
+    /// Counts of links, connections and listeners, for health reports.
+    fn summary(&self) -> String {
+        let links = self.links();
+        let conns: Vec<&Arc<Connection>> = links
+            .handlers
+            .values()
+            .map(|h| &h.conn)
+            .chain(links.consumers.values().filter_map(|c| c.conn.as_ref()))
+            .collect();
+        let connected = conns.iter().filter(|c| c.session.is_connected()).count();
+        let clients: usize = links
+            .servers
+            .keys()
+            .map(|(component, link)| {
+                self.inner
+                    .registry
+                    .owned_by(component)
+                    .iter()
+                    .filter(|s| &s.link_name == link && s.request.is_some())
+                    .count()
+            })
+            .sum();
+        format!(
+            "links: {} handler, {} consumer, {} refused; connections: {} connected, {} reconnecting; listeners: {} with {} clients",
+            links.handlers.len() + links.servers.len(),
+            links.consumers.len(),
+            links.errors.len(),
+            connected,
+            conns.len() - connected,
+            links.servers.len(),
+            clients
+        )
+    }
+
     /// One line per link that is not connected or was refused; empty when all is well.
     fn problems(&self) -> Vec<String> {
         let links = self.links();
@@ -513,12 +547,16 @@ impl Provider for WsProvider {
 
     async fn health_request(&self, _: &HealthCheckRequest) -> anyhow::Result<HealthCheckResponse> {
         let problems = self.problems();
-        if !problems.is_empty() {
-            warn!(?problems, "health: some links are not connected");
+        if problems.is_empty() {
+            return Ok(HealthCheckResponse {
+                healthy: true,
+                message: None,
+            });
         }
+        warn!(?problems, "health: some links are not connected");
         Ok(HealthCheckResponse {
             healthy: true,
-            message: (!problems.is_empty()).then(|| problems.join("; ")),
+            message: Some(format!("{}; {}", self.summary(), problems.join("; "))),
         })
     }
 

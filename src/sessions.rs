@@ -79,6 +79,8 @@ pub struct Session {
     pending: Mutex<HashMap<String, oneshot::Sender<Envelope>>>,
     groups: Mutex<BTreeSet<String>>,
     pub request: Option<RequestInfo>,
+    reconnect_wait: Option<std::time::Duration>,
+    waiting: tokio::sync::Semaphore,
 }
 
 /// The upgrade request of a server-mode session.
@@ -112,6 +114,11 @@ pub struct SessionOptions {
     pub frame_type: FrameType,
     pub format: Format,
     pub request: Option<RequestInfo>,
+    /// Client sessions reconnect: a publish while disconnected waits this long for the socket.
+    /// `None` (server sessions) fails at once.
+    pub reconnect_wait: Option<std::time::Duration>,
+    /// How many publishes may wait for a reconnect at once.
+    pub max_waiting: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -149,6 +156,8 @@ impl Session {
             pending: Mutex::default(),
             groups: Mutex::default(),
             request: options.request,
+            reconnect_wait: options.reconnect_wait,
+            waiting: tokio::sync::Semaphore::new(options.max_waiting),
         }
     }
 
@@ -283,7 +292,7 @@ impl Session {
     /// Every failure is returned as a message for the caller; nothing is dropped silently.
     pub async fn send(&self, message: Message) -> Result<(), String> {
         if !self.is_connected() {
-            return Err(format!("session {} is not connected", self.id));
+            self.wait_connected().await?;
         }
         let (ack, done) = oneshot::channel();
         self.outbound
@@ -303,6 +312,35 @@ impl Session {
 }
 
 impl Session {
+    /// Waits (bounded in time and in number of waiters) for a client session to reconnect.
+    async fn wait_connected(&self) -> Result<(), String> {
+        let not_connected = || format!("session {} is not connected", self.id);
+        let wait = self.reconnect_wait.ok_or_else(not_connected)?;
+        let _permit = self.waiting.try_acquire().map_err(|_| {
+            format!(
+                "session {} is not connected and too many publishes are already waiting",
+                self.id
+            )
+        })?;
+        let mut state = self.state.clone();
+        let waited = tokio::time::timeout(wait, async {
+            state
+                .wait_for(|s| matches!(s, ConnState::Connected { .. }))
+                .await
+                .is_ok()
+        })
+        .await;
+        match waited {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!("session {} is closed", self.id)),
+            Err(_) => Err(format!(
+                "session {} is not connected (waited {} ms for a reconnect)",
+                self.id,
+                wait.as_millis()
+            )),
+        }
+    }
+
     /// Queues one frame without waiting for the write (error frames); fails when the queue is full.
     pub fn send_nowait(&self, message: Message) -> Result<(), String> {
         self.outbound
@@ -472,6 +510,8 @@ mod tests {
                 frame_type: FrameType::Auto,
                 format: Format::Raw,
                 request: None,
+                reconnect_wait: None,
+                max_waiting: 1,
             },
             state,
             out,

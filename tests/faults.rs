@@ -149,3 +149,59 @@ async fn ten_thousand_numbered_frames_arrive_in_order() -> Result<()> {
     }
     env.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publishes_during_a_gap_are_delivered_after_the_reconnect_or_reported() -> Result<()> {
+    let env = Env::start().await?;
+    let port = free_port()?;
+    let mut target = Server::start_on(port).await?;
+    let mut trigger = Server::start().await?;
+    env.component_scaled("test_echo", "gap", 4).await?;
+    env.link_consumer("gap", "default", &[]).await?;
+    let uri = target.uri();
+    env.config(
+        "gap-target",
+        &[
+            ("URI", uri.as_str()),
+            ("RECONNECT_MIN_MS", "50"),
+            ("RECONNECT_MAX_MS", "200"),
+            ("PUBLISH_WAIT_MS", "3000"),
+        ],
+    )
+    .await?;
+    env.config("gap-trigger", &[("URI", &trigger.uri())])
+        .await?;
+    env.link_handler("gap", "gap-target", &["gap-target"])
+        .await?;
+    env.link_handler("gap", "gap-trigger", &["gap-trigger"])
+        .await?;
+    let mut peer = target.accept().await?;
+    let mut control = trigger.accept().await?;
+    let subject = peer.round_trip("!whoami").await?;
+
+    // The target goes away; a publish to it waits, and is written once the link is back.
+    drop(peer);
+    drop(target);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    control
+        .send_text(&format!("!to {subject} sent during the gap"))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut target = Server::start_on(port).await?;
+    let mut peer = target.accept().await?;
+    assert_eq!(peer.recv_text().await?, "sent during the gap");
+    control.expect_silence(Duration::from_millis(500)).await?;
+
+    // If it does not come back in time, the component is told.
+    drop(peer);
+    drop(target);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answer = control
+        .round_trip(&format!("!to {subject} nobody there"))
+        .await?;
+    ensure!(
+        answer.contains("is not connected (waited 3000 ms"),
+        "{answer}"
+    );
+    env.stop().await
+}
