@@ -4,26 +4,24 @@
 //! (`Arc`) by every link that uses the socket; when the last one lets go, `Drop` cancels the task
 //! (which sends a close frame) and removes the session from the registry.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use wasmcloud_provider_sdk::provider::WrpcClient;
 
 use crate::config::LinkSettings;
 use crate::dispatch::{self, Inbound, DELIVERY_QUEUE};
 use crate::sessions::{Registry, Session, SessionOptions};
 use crate::stats::Stats;
+use crate::task::OwnedTask;
 use crate::ws::client::{self, ClientOptions};
 use crate::ws::socket::ConnState;
 
 pub struct Connection {
     pub session: Arc<Session>,
     registry: Arc<Registry>,
-    cancel: CancellationToken,
-    task: Mutex<Option<JoinHandle<()>>>,
+    task: OwnedTask,
 }
 
 impl Connection {
@@ -77,35 +75,24 @@ impl Connection {
             queue: queue_tx,
             stats,
         });
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(client::run(
-            options,
-            inbound,
-            out_rx,
-            state_tx,
-            cancel.clone(),
-        ));
+        let task =
+            OwnedTask::spawn(|cancel| client::run(options, inbound, out_rx, state_tx, cancel));
         Arc::new(Self {
             session,
             registry,
-            cancel,
-            task: Mutex::new(Some(task)),
+            task,
         })
     }
 
     /// Closes the socket (with a close frame) and waits up to `grace` for the task to end.
     pub async fn close(&self, grace: Duration) {
-        self.cancel.cancel();
-        let task = self.task.lock().ok().and_then(|mut t| t.take());
-        if let Some(task) = task {
-            let _ = tokio::time::timeout(grace, task).await;
-        }
+        self.task.close(grace).await;
     }
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.cancel.cancel();
+        // Dropping `task` cancels the socket task, which sends a close frame.
         self.registry.remove(&self.session.id);
     }
 }

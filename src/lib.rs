@@ -16,6 +16,7 @@ pub mod listener;
 pub mod provider;
 pub mod sessions;
 pub mod stats;
+pub mod task;
 pub mod ws;
 
 pub use provider::WsProvider;

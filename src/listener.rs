@@ -8,13 +8,11 @@
 //! closes the listener and every client with a close frame (1001).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use wasmcloud_provider_sdk::provider::WrpcClient;
 
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
@@ -22,6 +20,7 @@ use crate::config::LinkSettings;
 use crate::dispatch::{self, Inbound, DELIVERY_QUEUE};
 use crate::sessions::{Registry, RequestInfo, Route, Session, SessionOptions};
 use crate::stats::Stats;
+use crate::task::OwnedTask;
 use crate::ws::server::{Accept, PeerInfo, Server, ServerOptions};
 use crate::ws::socket::{Closed, ConnState, Outbound};
 
@@ -30,8 +29,7 @@ pub const LIFECYCLE_DISCONNECTED: &str = "ws.lifecycle.disconnected";
 
 pub struct Listener {
     pub address: Option<SocketAddr>,
-    cancel: CancellationToken,
-    task: Mutex<Option<JoinHandle<()>>>,
+    task: OwnedTask,
 }
 
 impl Listener {
@@ -68,28 +66,13 @@ impl Listener {
             registry,
             stats,
         });
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(server.run(acceptor, cancel.clone()));
-        Ok(Arc::new(Self {
-            address,
-            cancel,
-            task: Mutex::new(Some(task)),
-        }))
+        let task = OwnedTask::spawn(|cancel| server.run(acceptor, cancel));
+        Ok(Arc::new(Self { address, task }))
     }
 
     /// Stops accepting, closes every client, and waits up to `grace` for them.
     pub async fn close(&self, grace: Duration) {
-        self.cancel.cancel();
-        let task = self.task.lock().ok().and_then(|mut t| t.take());
-        if let Some(task) = task {
-            let _ = tokio::time::timeout(grace, task).await;
-        }
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        self.cancel.cancel();
+        self.task.close(grace).await;
     }
 }
 

@@ -209,6 +209,19 @@ impl WsProvider {
         Ok(conn)
     }
 
+    /// Parses a link's settings; a bad config is recorded for health and returned.
+    fn settings_or_record(
+        &self,
+        direction: Direction,
+        key: &LinkKey,
+        link: &LinkConfig<'_>,
+    ) -> anyhow::Result<LinkSettings> {
+        self.settings(link).map_err(|e| {
+            self.record_error(direction, key.clone(), e.to_string());
+            e.into()
+        })
+    }
+
     fn record_error(&self, direction: Direction, key: LinkKey, error: String) {
         error!(direction = direction.as_str(), component = %key.0, link = %key.1, %error, "link refused");
         self.links().errors.insert((direction, key), error);
@@ -221,13 +234,7 @@ impl WsProvider {
         link: &LinkConfig<'_>,
     ) -> anyhow::Result<()> {
         let key = (component.to_string(), link_name.to_string());
-        let settings = match self.settings(link) {
-            Ok(s) => s,
-            Err(e) => {
-                self.record_error(Direction::Handler, key, e.to_string());
-                return Err(e.into());
-            }
-        };
+        let settings = self.settings_or_record(Direction::Handler, &key, link)?;
         if settings.server.is_some() {
             return self.put_server_link(key, &settings).await;
         }
@@ -282,13 +289,7 @@ impl WsProvider {
         link: &LinkConfig<'_>,
     ) -> anyhow::Result<()> {
         let key = (component.to_string(), link_name.to_string());
-        let settings = match self.settings(link) {
-            Ok(s) => s,
-            Err(e) => {
-                self.record_error(Direction::Consumer, key, e.to_string());
-                return Err(e.into());
-            }
-        };
+        let settings = self.settings_or_record(Direction::Consumer, &key, link)?;
         if settings.server.is_some() {
             let e = "MODE=server belongs on the handler link (provider -> component), not the consumer link".to_string();
             self.record_error(Direction::Consumer, key, e.clone());

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _, Result};
-use common::ws::{connect, connect_with, upgrade_status, ClientPeer, Server};
+use common::ws::{connect, connect_with, upgrade_status, Server};
 use common::{free_port, Env};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -46,14 +46,6 @@ async fn wait_listening(url: &str) -> Result<()> {
     .await
 }
 
-async fn own_id(peer: &mut ClientPeer) -> Result<String> {
-    let subject = peer.round_trip("!whoami").await?;
-    subject
-        .strip_prefix("ws.session.")
-        .map(str::to_string)
-        .with_context(|| format!("not a session subject: {subject}"))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn three_clients_get_their_own_echo_and_plain_publishes_reach_all() -> Result<()> {
     let env = Env::start().await?;
@@ -79,7 +71,7 @@ async fn three_clients_get_their_own_echo_and_plain_publishes_reach_all() -> Res
         assert_eq!(client.recv_text().await?, "hello everyone");
     }
     // Session info carries the peer address and the request.
-    let id = own_id(&mut clients[1]).await?;
+    let id = clients[1].session_id().await?;
     let info = clients[1].round_trip(&format!("!get {id}")).await?;
     ensure!(
         info.starts_with(&format!("INFO {id}|room-server|127.0.0.1:")),
@@ -101,7 +93,7 @@ async fn a_group_publish_reaches_only_members() -> Result<()> {
         connect(&url, &[]).await?,
         connect(&url, &[]).await?,
     );
-    let (ida, idb) = (own_id(&mut a).await?, own_id(&mut b).await?);
+    let (ida, idb) = (a.session_id().await?, b.session_id().await?);
     assert_eq!(a.round_trip(&format!("!join {ida} lobby")).await?, "JOINED");
     assert_eq!(a.round_trip(&format!("!join {idb} lobby")).await?, "JOINED");
     let members = c.round_trip("!members lobby").await?;
@@ -149,7 +141,7 @@ async fn lifecycle_messages_arrive_in_order() -> Result<()> {
 
     let mut client = connect(&format!("{url}/"), &[]).await?;
     let connected = monitor.recv_text().await?;
-    let id = own_id(&mut client).await?;
+    let id = client.session_id().await?;
     ensure!(
         connected.starts_with("ws.lifecycle.connected "),
         "{connected}"

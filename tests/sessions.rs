@@ -42,15 +42,6 @@ async fn component_with_links(
     Ok(peers)
 }
 
-/// The session ID of a peer's connection, as the component sees it.
-async fn session_id(peer: &mut Peer) -> Result<String> {
-    let subject = peer.round_trip("!whoami").await?;
-    subject
-        .strip_prefix("ws.session.")
-        .map(str::to_string)
-        .with_context(|| format!("not a session subject: {subject}"))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn listing_sending_and_broadcast_see_only_the_callers_sessions() -> Result<()> {
     let env = Env::start().await?;
@@ -66,11 +57,8 @@ async fn listing_sending_and_broadcast_see_only_the_callers_sessions() -> Result
     )
     .await?;
     let mut other = component_with_links(&env, "other", &mut [("other-a", &mut s3, &[])]).await?;
-    let (a, b) = (
-        session_id(&mut owner[0]).await?,
-        session_id(&mut owner[1]).await?,
-    );
-    let c = session_id(&mut other[0]).await?;
+    let (a, b) = (owner[0].session_id().await?, owner[1].session_id().await?);
+    let c = other[0].session_id().await?;
 
     let listing = owner[0].round_trip("!list").await?;
     let lines: Vec<&str> = listing.lines().collect();
@@ -113,7 +101,7 @@ async fn another_component_cannot_see_send_to_tag_or_close_a_session() -> Result
     let mut owner = component_with_links(&env, "victim", &mut [("victim-h", &mut s1, &[])]).await?;
     let mut intruder =
         component_with_links(&env, "intruder", &mut [("intruder-h", &mut s2, &[])]).await?;
-    let id = session_id(&mut owner[0]).await?;
+    let id = owner[0].session_id().await?;
     let unknown = format!("ERR unknown session {id}");
 
     for command in [
@@ -156,7 +144,7 @@ async fn metadata_round_trips_and_disappears_with_the_session() -> Result<()> {
         &mut [("meta-a", &mut s1, &[]), ("meta-b", &mut s2, &[])],
     )
     .await?;
-    let b = session_id(&mut peers[1]).await?;
+    let b = peers[1].session_id().await?;
     let a = &mut peers[0];
     assert_eq!(
         a.round_trip(&format!("!meta-set {b} user ada")).await?,
@@ -216,7 +204,7 @@ async fn close_delivers_code_and_reason_and_the_link_reconnects_under_the_same_i
         ],
     )
     .await?;
-    let b = session_id(&mut peers[1]).await?;
+    let b = peers[1].session_id().await?;
     let answer = peers[0].round_trip("!close nope 4000 x").await?;
     ensure!(answer.starts_with("ERR unknown session"), "{answer}");
     let answer = peers[0].round_trip(&format!("!close {b} 1006 x")).await?;
@@ -240,7 +228,7 @@ async fn close_delivers_code_and_reason_and_the_link_reconnects_under_the_same_i
     }
     // The link still exists, so the provider connects again, keeping the session ID.
     let mut again = s2.accept().await?;
-    assert_eq!(session_id(&mut again).await?, b);
+    assert_eq!(again.session_id().await?, b);
     env.stop().await
 }
 

@@ -186,6 +186,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
         serde_json::from_str(&text).with_context(|| format!("not JSON: {text}"))
     }
 
+    /// The session ID of this connection, as the test component sees it.
+    pub async fn session_id(&mut self) -> Result<String> {
+        let subject = self.round_trip("!whoami").await?;
+        subject
+            .strip_prefix("ws.session.")
+            .map(str::to_string)
+            .with_context(|| format!("not a session subject: {subject}"))
+    }
+
     /// Sends `text` and returns the text the component sends back.
     pub async fn round_trip(&mut self, text: &str) -> Result<String> {
         self.send_text(text).await?;
