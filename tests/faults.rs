@@ -205,3 +205,70 @@ async fn publishes_during_a_gap_are_delivered_after_the_reconnect_or_reported() 
     );
     env.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_never_finishes_the_upgrade_hits_the_connect_timeout() -> Result<()> {
+    let env = Env::start().await?;
+    // Accepts TCP, reads the upgrade request, never answers.
+    let tarpit = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let tarpit_uri = format!("ws://{}", tarpit.local_addr()?);
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = tarpit.accept().await {
+            held.push(stream);
+        }
+    });
+    env.component("test_echo", "stuck").await?;
+    env.config(
+        "stuck-cfg",
+        &[("URI", &tarpit_uri), ("CONNECT_TIMEOUT_SEC", "1")],
+    )
+    .await?;
+    env.link_handler("stuck", "stuck-handler", &["stuck-cfg"])
+        .await?;
+    let mut server = Server::start().await?;
+    client_link(&env, "fine", &server, &[]).await?;
+    let mut peer = server.accept().await?;
+    assert_eq!(peer.round_trip("unaffected").await?, "unaffected");
+
+    let message = common::eventually(Duration::from_secs(15), || async {
+        let (healthy, message) = env.health().await?;
+        ensure!(healthy, "unhealthy");
+        let message = message.unwrap_or_default();
+        ensure!(message.contains("connect timed out after 1 s"), "{message}");
+        Ok(message)
+    })
+    .await?;
+    ensure!(
+        message.contains("stuck-handler") && !message.contains("fine-handler"),
+        "{message}"
+    );
+    assert_eq!(
+        peer.round_trip("still unaffected").await?,
+        "still unaffected"
+    );
+    held.abort();
+    env.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_provider_is_restarted_by_the_host_and_its_links_reconnect() -> Result<()> {
+    let env = Env::start().await?;
+    let mut server = Server::start().await?;
+    client_link(&env, "survivor", &server, &[]).await?;
+    let mut peer = server.accept().await?;
+    assert_eq!(
+        peer.round_trip("before the crash").await?,
+        "before the crash"
+    );
+
+    let killed = env.kill_provider();
+    ensure!(killed > 0, "no provider process found");
+    // The host restarts the provider (after about 5 s) and replays the links.
+    let mut again = tokio::time::timeout(Duration::from_secs(60), server.accept()).await??;
+    assert_eq!(
+        again.round_trip("after the crash").await?,
+        "after the crash"
+    );
+    env.stop().await
+}

@@ -334,6 +334,13 @@ impl Env {
     }
 }
 
+impl Env {
+    /// Kills the provider process the way a crash would (SIGKILL); returns how many it killed.
+    pub fn kill_provider(&self) -> usize {
+        kill_children_matching(&self.host_id)
+    }
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
         // A test that failed may not have stopped the host: kill the provider processes it
@@ -343,10 +350,11 @@ impl Drop for Env {
 }
 
 /// Kills child processes of this test process whose command line mentions `needle`.
-fn kill_children_matching(needle: &str) {
+fn kill_children_matching(needle: &str) -> usize {
+    let mut killed = 0;
     let me = std::process::id().to_string();
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
+        return 0;
     };
     for entry in entries.flatten() {
         let pid = entry.file_name().to_string_lossy().to_string();
@@ -368,8 +376,10 @@ fn kill_children_matching(needle: &str) {
             let _ = std::process::Command::new("kill")
                 .args(["-9", &pid])
                 .status();
+            killed += 1;
         }
     }
+    killed
 }
 
 /// Waits until `check` passes, polling, or fails with the last error after `timeout`.
