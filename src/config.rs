@@ -35,6 +35,8 @@ pub const PING_INTERVAL_SEC: &str = "PING_INTERVAL_SEC";
 pub const PONG_TIMEOUT_SEC: &str = "PONG_TIMEOUT_SEC";
 pub const IDLE_TIMEOUT_SEC: &str = "IDLE_TIMEOUT_SEC";
 pub const PUBLISH_WAIT_MS: &str = "PUBLISH_WAIT_MS";
+pub const SLOW_CONSUMER: &str = "SLOW_CONSUMER";
+pub const WRITE_TIMEOUT_MS: &str = "WRITE_TIMEOUT_MS";
 pub const HANDLER_TIMEOUT_MS: &str = "HANDLER_TIMEOUT_MS";
 pub const RECONNECT_MIN_MS: &str = "RECONNECT_MIN_MS";
 pub const RECONNECT_MAX_MS: &str = "RECONNECT_MAX_MS";
@@ -52,6 +54,7 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_PUBLISH_WAIT: Duration = Duration::from_secs(5);
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SESSION_HEADERS: &str = "origin,user-agent";
 
 /// A secret string whose `Debug` and `Display` never show the value.
@@ -166,6 +169,10 @@ pub struct LinkSettings {
     pub keepalive: crate::ws::socket::Keepalive,
     /// How long a publish waits for a disconnected client connection to come back.
     pub publish_wait: Duration,
+    /// What to do with a peer that does not read: `true` closes it, `false` fails publishes.
+    pub close_slow_consumers: bool,
+    /// How long a publish waits for its frame to be written before the peer counts as slow.
+    pub write_timeout: Duration,
 }
 
 impl LinkSettings {
@@ -338,7 +345,21 @@ impl ProviderDefaults {
         };
 
         let publish_wait = ms(PUBLISH_WAIT_MS, DEFAULT_PUBLISH_WAIT)?;
+        let write_timeout = ms(WRITE_TIMEOUT_MS, DEFAULT_WRITE_TIMEOUT)?;
+        let close_slow_consumers = match get(SLOW_CONSUMER).map(str::to_ascii_lowercase).as_deref()
+        {
+            None | Some("error") => false,
+            Some("close") => true,
+            Some(other) => {
+                return Err(err(
+                    SLOW_CONSUMER,
+                    format!("expected error or close, got {other:?}"),
+                ))
+            }
+        };
         Ok(LinkSettings {
+            write_timeout,
+            close_slow_consumers,
             server,
             keepalive,
             publish_wait,
@@ -551,6 +572,7 @@ mod tests {
             ("MODE", "peer"),
             ("PING_INTERVAL_SEC", "often"),
             ("PONG_TIMEOUT_SEC", "0"),
+            ("SLOW_CONSUMER", "drop"),
             ("HEADER_bad name", "v"),
             ("HEADER_X", "line\nbreak"),
         ] {

@@ -48,6 +48,8 @@ impl Connection {
                 request: None,
                 reconnect_wait: Some(settings.publish_wait),
                 max_waiting: settings.send_queue_len,
+                write_timeout: settings.write_timeout,
+                close_slow: settings.close_slow_consumers,
             },
             state_rx,
             out_tx,

@@ -96,6 +96,10 @@ impl FrameSink for Inbound {
             let _ = self.queue.send(message).await;
         }
     }
+
+    async fn kicked(&self) {
+        self.session.kicked().await;
+    }
 }
 
 /// Calls `handle-message` for each queued message of `session`, one at a time, in order.

@@ -120,6 +120,8 @@ impl Accept for Sessions {
                 }),
                 reconnect_wait: None,
                 max_waiting: 0,
+                write_timeout: self.settings.write_timeout,
+                close_slow: self.settings.close_slow_consumers,
             },
             state_rx,
             out_tx,

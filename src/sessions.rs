@@ -81,6 +81,9 @@ pub struct Session {
     pub request: Option<RequestInfo>,
     reconnect_wait: Option<std::time::Duration>,
     waiting: tokio::sync::Semaphore,
+    write_timeout: std::time::Duration,
+    close_slow: bool,
+    kick: tokio::sync::Notify,
 }
 
 /// The upgrade request of a server-mode session.
@@ -119,6 +122,10 @@ pub struct SessionOptions {
     pub reconnect_wait: Option<std::time::Duration>,
     /// How many publishes may wait for a reconnect at once.
     pub max_waiting: usize,
+    /// How long a publish waits for its write; past it the peer is a slow consumer.
+    pub write_timeout: std::time::Duration,
+    /// Close a slow consumer's socket (`SLOW_CONSUMER=close`) instead of failing the publish only.
+    pub close_slow: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -158,6 +165,9 @@ impl Session {
             request: options.request,
             reconnect_wait: options.reconnect_wait,
             waiting: tokio::sync::Semaphore::new(options.max_waiting),
+            write_timeout: options.write_timeout,
+            close_slow: options.close_slow,
+            kick: tokio::sync::Notify::new(),
         }
     }
 
@@ -302,12 +312,34 @@ impl Session {
             })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => {
-                    format!("send queue of session {} is full", self.id)
+                    self.slow_consumer(format!("send queue of session {} is full", self.id))
                 }
                 mpsc::error::TrySendError::Closed(_) => format!("session {} is closed", self.id),
             })?;
-        done.await
-            .unwrap_or_else(|_| Err(format!("session {} closed before the write", self.id)))
+        match tokio::time::timeout(self.write_timeout, done).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(format!("session {} closed before the write", self.id)),
+            Err(_) => Err(self.slow_consumer(format!(
+                "session {} did not take the frame within {} ms: the peer is not reading (the frame may still be written)",
+                self.id,
+                self.write_timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Applies the slow-consumer policy and returns the error for the publisher.
+    fn slow_consumer(&self, error: String) -> String {
+        if self.close_slow {
+            self.kick.notify_one();
+            format!("{error}; the session is being closed (SLOW_CONSUMER=close)")
+        } else {
+            error
+        }
+    }
+
+    /// Resolves when the slow-consumer policy wants this session's socket dropped.
+    pub async fn kicked(&self) {
+        self.kick.notified().await;
     }
 }
 
@@ -512,6 +544,8 @@ mod tests {
                 request: None,
                 reconnect_wait: None,
                 max_waiting: 1,
+                write_timeout: std::time::Duration::from_secs(1),
+                close_slow: false,
             },
             state,
             out,

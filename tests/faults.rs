@@ -272,3 +272,87 @@ async fn a_killed_provider_is_restarted_by_the_host_and_its_links_reconnect() ->
     );
     env.stop().await
 }
+
+/// A component with a target link (whose peer will stop reading) and a control link that
+/// triggers a flood of publishes to the target and hears the outcome.
+async fn flood_setup(
+    env: &Env,
+    id: &str,
+    target: &Server,
+    control: &Server,
+    policy: &str,
+) -> Result<()> {
+    env.component_scaled("test_echo", id, 4).await?;
+    env.link_consumer(id, "default", &[]).await?;
+    let target_cfg = format!("{id}-target");
+    let uri = target.uri();
+    env.config(
+        &target_cfg,
+        &[
+            ("URI", uri.as_str()),
+            ("SLOW_CONSUMER", policy),
+            ("WRITE_TIMEOUT_MS", "1000"),
+            ("SEND_QUEUE_LEN", "8"),
+        ],
+    )
+    .await?;
+    let control_cfg = format!("{id}-control");
+    env.config(&control_cfg, &[("URI", &control.uri())]).await?;
+    env.link_handler(id, &target_cfg, &[&target_cfg]).await?;
+    env.link_handler(id, &control_cfg, &[&control_cfg]).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_that_stops_reading_is_closed_with_slow_consumer_close() -> Result<()> {
+    let env = Env::start().await?;
+    let (mut target, mut control) = (Server::start().await?, Server::start().await?);
+    flood_setup(&env, "slowclose", &target, &control, "close").await?;
+    let mut slow = target.accept().await?;
+    let mut ctl = control.accept().await?;
+    let subject = slow.round_trip("!whoami").await?;
+    // From here on the target peer reads nothing.
+    let answer = ctl
+        .round_trip(&format!("!flood {subject} 4000 65536"))
+        .await?;
+    ensure!(
+        answer.starts_with("FLOOD ") && answer.contains("ERR"),
+        "{answer}"
+    );
+    ensure!(answer.contains("SLOW_CONSUMER=close"), "{answer}");
+    // The slow socket was dropped; the link connects again and works.
+    let mut fresh = target.accept().await?;
+    assert_eq!(fresh.round_trip("caught up").await?, "caught up");
+    drop(slow);
+    env.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_that_stops_reading_fails_publishes_with_slow_consumer_error() -> Result<()> {
+    let env = Env::start().await?;
+    let (mut target, mut control) = (Server::start().await?, Server::start().await?);
+    flood_setup(&env, "slowerr", &target, &control, "error").await?;
+    let mut slow = target.accept().await?;
+    let mut ctl = control.accept().await?;
+    let subject = slow.round_trip("!whoami").await?;
+    let answer = ctl
+        .round_trip(&format!("!flood {subject} 4000 65536"))
+        .await?;
+    ensure!(
+        answer.starts_with("FLOOD ") && answer.contains("ERR"),
+        "{answer}"
+    );
+    ensure!(
+        answer.contains("not reading") || answer.contains("is full"),
+        "{answer}"
+    );
+    ensure!(!answer.contains("being closed"), "{answer}");
+    // The socket stays: no reconnect, and the peer can still read what was written.
+    target.expect_no_connection(Duration::from_secs(1)).await?;
+    let first = slow.next_message(Duration::from_secs(10)).await?;
+    ensure!(
+        first.is_text() && first.len() == 65536,
+        "expected a flood frame of 64 KiB, got {} bytes",
+        first.len()
+    );
+    env.stop().await
+}

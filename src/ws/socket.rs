@@ -36,6 +36,11 @@ pub struct Outbound {
 pub trait FrameSink: Send + Sync + 'static {
     /// Handles one text (`text == true`) or binary frame. The next frame is read after this ends.
     fn frame(&self, payload: Bytes, text: bool) -> impl Future<Output = ()> + Send;
+
+    /// Resolves when the owner wants the socket dropped (a slow consumer); never by default.
+    fn kicked(&self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
 }
 
 /// The connection state that the owner can watch.
@@ -156,6 +161,10 @@ where
     let write = write_loop(&mut writer, outbound, keepalive, &liveness);
     let result = tokio::select! {
         () = cancel.cancelled() => None,
+        () = sink.kicked() => Some(Closed {
+            code: 1008,
+            reason: "slow consumer: the peer did not read its messages".to_string(),
+        }),
         reason = read => Some(reason),
         reason = write => Some(reason),
     };

@@ -11,6 +11,8 @@
 //! - `!request <subject> <timeout-ms> <text>`: answers `REPLY <subject> <body>`;
 //! - `!join <id> <group>`, `!leave <id> <group>`, `!members <group>`, `!group-send <group> <text>`,
 //!   `!send-many <id,id,...> <text>`, `!request-info <id>`;
+//! - `!flood <subject> <count> <size>`: publishes `count` bodies of `size` bytes, answering
+//!   `FLOOD <count> OK` or `FLOOD <sent> ERR <error>` at the first failure;
 //! - a lifecycle message (`ws.lifecycle.*`) is forwarded as `<subject> <body>` to `out`;
 //! - anything else: answers the body unchanged (an echo).
 //!
@@ -127,6 +129,17 @@ fn command(msg: &BrokerMessage, text: &str) -> Result<Option<String>, String> {
                 reply.subject,
                 String::from_utf8_lossy(&reply.body)
             ))
+        }
+        "!flood" => {
+            let (subject, count, size) = (arg(), arg(), arg());
+            let count = count.parse::<usize>().map_err(|e| e.to_string())?;
+            let size = size.parse::<usize>().map_err(|e| e.to_string())?;
+            for sent in 0..count {
+                if let Err(e) = consumer::publish(&message(&subject, vec![b'f'; size])) {
+                    return Ok(Some(format!("FLOOD {sent} ERR {e}")));
+                }
+            }
+            Some(format!("FLOOD {count} OK"))
         }
         "!join" => {
             let (id, group) = (arg(), arg());
