@@ -631,3 +631,74 @@ mod tests {
         assert!(!e.to_string().contains("sekrit"));
     }
 }
+
+#[cfg(test)]
+mod robustness {
+    //! Randomized config maps (fixed seed): every one parses or is refused with an error that
+    //! names a key; none panics.
+    use super::*;
+
+    #[test]
+    fn arbitrary_config_never_panics() {
+        let keys = [
+            URI,
+            AUTH_TOKEN,
+            CONNECT_TIMEOUT_SEC,
+            ENABLE_SESSION_TRACKING,
+            "HEADER_X",
+            "HEADER_",
+            SUBJECT,
+            FRAME_TYPE,
+            FORMAT,
+            MODE,
+            LISTEN_ADDRESS,
+            PATH,
+            MAX_CONNECTIONS,
+            TLS_CERT_FILE,
+            RECONNECT_MIN_MS,
+            RECONNECT_MAX_MS,
+            MAX_MESSAGE_BYTES,
+            SEND_QUEUE_LEN,
+            PING_INTERVAL_SEC,
+            SLOW_CONSUMER,
+            "unknown",
+        ];
+        let values = [
+            "",
+            " ",
+            "0",
+            "1",
+            "-1",
+            "18446744073709551616",
+            "true",
+            "maybe",
+            "ws://127.0.0.1:1",
+            "wss://[::1]:9/x",
+            "ws://",
+            "http://x",
+            "server",
+            "client",
+            "json",
+            "text",
+            "close",
+            "127.0.0.1:0",
+            "/ok",
+            "a\nb",
+            "é",
+            "\u{0}",
+        ];
+        let mut rng = fastrand::Rng::with_seed(3);
+        for _ in 0..20_000 {
+            let mut map = HashMap::new();
+            for _ in 0..rng.usize(0..6) {
+                map.insert(
+                    keys[rng.usize(0..keys.len())].to_string(),
+                    values[rng.usize(0..values.len())].to_string(),
+                );
+            }
+            if let Err(e) = ProviderDefaults::default().link_settings(&map, &HashMap::new()) {
+                assert!(!e.key.is_empty(), "{e}");
+            }
+        }
+    }
+}
