@@ -356,3 +356,25 @@ async fn a_peer_that_stops_reading_fails_publishes_with_slow_consumer_error() ->
     );
     env.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn traffic_resumes_after_nats_restarts_under_a_running_provider() -> Result<()> {
+    let mut env = Env::start().await?;
+    let mut server = Server::start().await?;
+    client_link(&env, "natsy", &server, &[]).await?;
+    let mut peer = server.accept().await?;
+    assert_eq!(peer.round_trip("before").await?, "before");
+
+    env.nats.restart(Duration::from_secs(1)).await?;
+    // The WebSocket stays up; once the host and provider are back on NATS, messages flow again.
+    let mut answer = None;
+    for _ in 0..30 {
+        peer.send_text("after").await?;
+        if let Ok(Message::Text(text)) = peer.next_message(Duration::from_secs(2)).await {
+            answer = Some(text.to_string());
+            break;
+        }
+    }
+    assert_eq!(answer.as_deref(), Some("after"));
+    env.stop().await
+}

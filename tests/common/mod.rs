@@ -42,10 +42,20 @@ impl Nats {
 
     pub async fn start_on(port: u16) -> Result<Self> {
         let store = tempfile::tempdir()?;
+        let child = Self::spawn(port, store.path()).await?;
+        Ok(Self {
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            child,
+            _store: store,
+        })
+    }
+
+    async fn spawn(port: u16, store: &Path) -> Result<tokio::process::Child> {
         let bin = std::env::var("TEST_NATS_BIN").unwrap_or_else(|_| "nats-server".into());
         let child = tokio::process::Command::new(&bin)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(store.path())
+            .arg(store)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -53,20 +63,19 @@ impl Nats {
             .with_context(|| {
                 format!("failed to start {bin}: install nats-server (apt-get install nats-server)")
             })?;
-        let url = format!("nats://127.0.0.1:{port}");
-        wasmcloud_test_util::nats::wait_for_nats_connection(&url)
+        wasmcloud_test_util::nats::wait_for_nats_connection(format!("nats://127.0.0.1:{port}"))
             .await
             .context("nats-server did not come up")?;
-        Ok(Self {
-            url,
-            port,
-            child,
-            _store: store,
-        })
+        Ok(child)
     }
 
-    pub async fn stop(&mut self) {
+    /// Kills the server and starts it again on the same port with the same store.
+    pub async fn restart(&mut self, down_for: Duration) -> Result<()> {
         let _ = self.child.kill().await;
+        let _ = self.child.wait().await;
+        tokio::time::sleep(down_for).await;
+        self.child = Self::spawn(self.port, self._store.path()).await?;
+        Ok(())
     }
 }
 
