@@ -13,7 +13,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
 async fn client_link(env: &Env, id: &str, server: &Server, extra: &[(&str, &str)]) -> Result<()> {
-    env.component_scaled("test_echo", id, 4).await?;
+    // Spare instances: see `ten_thousand_numbered_frames_arrive_in_order`.
+    env.component_scaled("test_echo", id, 32).await?;
     env.link_consumer(id, "default", &[]).await?;
     let uri = server.uri();
     let mut pairs = vec![
