@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 use common::ws::{connect, Server};
 use common::{free_port, Env};
 use futures::SinkExt;
@@ -311,10 +311,17 @@ async fn a_peer_that_stops_reading_is_closed_with_slow_consumer_close() -> Resul
     let mut slow = target.accept().await?;
     let mut ctl = control.accept().await?;
     let subject = slow.round_trip("!whoami").await?;
+    let rss_before = env.provider_rss_kib().context("provider memory")?;
     // From here on the target peer reads nothing.
     let answer = ctl
         .round_trip(&format!("!flood {subject} 4000 65536"))
         .await?;
+    // 4,000 x 64 KiB (250 MiB) were offered; only the bounded queue and buffers were ever held.
+    let rss_after = env.provider_rss_kib().context("provider memory")?;
+    ensure!(
+        rss_after.saturating_sub(rss_before) < 64 * 1024,
+        "provider memory grew from {rss_before} KiB to {rss_after} KiB"
+    );
     ensure!(
         answer.starts_with("FLOOD ") && answer.contains("ERR"),
         "{answer}"
@@ -335,12 +342,24 @@ async fn a_peer_that_stops_reading_fails_publishes_with_slow_consumer_error() ->
     let mut slow = target.accept().await?;
     let mut ctl = control.accept().await?;
     let subject = slow.round_trip("!whoami").await?;
-    let answer = ctl
-        .round_trip(&format!("!flood {subject} 4000 65536"))
+    let rss_before = env.provider_rss_kib().context("provider memory")?;
+    ctl.send_text(&format!("!flood-all {subject} 4000 65536"))
         .await?;
+    let answer = match ctl.next_message(Duration::from_secs(90)).await? {
+        Message::Text(text) => text.to_string(),
+        other => bail!("expected the flood report, got {other:?}"),
+    };
+    let rss_after = env.provider_rss_kib().context("provider memory")?;
+    eprintln!("flood report: {answer}; provider RSS {rss_before} KiB -> {rss_after} KiB");
+    // Every one of the 4,000 publishes was either written or reported; all 250 MiB were offered.
+    let words: Vec<&str> = answer.split_whitespace().collect();
+    ensure!(words.first() == Some(&"FLOODALL"), "{answer}");
+    let ok: usize = words.get(1).context("ok count")?.parse()?;
+    let failed: usize = words.get(3).context("failed count")?.parse()?;
+    ensure!(ok + failed == 4000 && failed > 0, "{answer}");
     ensure!(
-        answer.starts_with("FLOOD ") && answer.contains("ERR"),
-        "{answer}"
+        rss_after.saturating_sub(rss_before) < 64 * 1024,
+        "provider memory grew from {rss_before} KiB to {rss_after} KiB"
     );
     ensure!(
         answer.contains("not reading") || answer.contains("is full"),
@@ -377,5 +396,62 @@ async fn traffic_resumes_after_nats_restarts_under_a_running_provider() -> Resul
         }
     }
     assert_eq!(answer.as_deref(), Some("after"));
+    env.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_or_trapping_handler_does_not_stop_the_session() -> Result<()> {
+    let env = Env::start().await?;
+    let mut server = Server::start().await?;
+    client_link(&env, "faulty", &server, &[]).await?;
+    let mut peer = server.accept().await?;
+    peer.send_text("!fail").await?;
+    peer.send_text("!trap").await?;
+    // Both are logged and counted by the provider; the next message is delivered as usual.
+    assert_eq!(
+        peer.round_trip("after the failures").await?,
+        "after the failures"
+    );
+    peer.expect_silence(Duration::from_millis(500)).await?;
+    env.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_session_whose_peer_never_answers_pings_is_closed() -> Result<()> {
+    let env = Env::start().await?;
+    env.component("test_echo", "pinged").await?;
+    env.link_consumer("pinged", "default", &[]).await?;
+    env.link_sessions("pinged").await?;
+    let address = format!("127.0.0.1:{}", free_port()?);
+    env.config(
+        "pinged-cfg",
+        &[
+            ("MODE", "server"),
+            ("LISTEN_ADDRESS", &address),
+            ("PING_INTERVAL_SEC", "1"),
+            ("PONG_TIMEOUT_SEC", "1"),
+        ],
+    )
+    .await?;
+    env.link_handler("pinged", "pinged-server", &["pinged-cfg"])
+        .await?;
+    let url = format!("ws://{address}");
+    let mut watcher = common::eventually(Duration::from_secs(15), || connect(&url, &[])).await?;
+    // This client never reads again after the upgrade, so it never answers a ping.
+    let _silent = connect(&url, &[]).await?;
+    assert_eq!(
+        watcher.round_trip("!list").await?.lines().next(),
+        Some("LIST 2")
+    );
+    // The watcher reads (and so answers pings); the silent one is dropped within the bound.
+    let mut last = String::new();
+    for _ in 0..40 {
+        last = watcher.round_trip("!list").await?;
+        if last.starts_with("LIST 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    ensure!(last.starts_with("LIST 1"), "{last}");
     env.stop().await
 }

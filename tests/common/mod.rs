@@ -344,6 +344,16 @@ impl Env {
 }
 
 impl Env {
+    /// The provider process's resident memory in KiB (its `VmRSS`).
+    pub fn provider_rss_kib(&self) -> Option<u64> {
+        let pid = child_pids_matching(&self.host_id).into_iter().next()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
     /// Kills the provider process the way a crash would (SIGKILL); returns how many it killed.
     pub fn kill_provider(&self) -> usize {
         kill_children_matching(&self.host_id)
@@ -360,10 +370,21 @@ impl Drop for Env {
 
 /// Kills child processes of this test process whose command line mentions `needle`.
 fn kill_children_matching(needle: &str) -> usize {
-    let mut killed = 0;
+    let pids = child_pids_matching(needle);
+    for pid in &pids {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", pid])
+            .status();
+    }
+    pids.len()
+}
+
+/// Child processes of this test process whose command line mentions `needle`.
+fn child_pids_matching(needle: &str) -> Vec<String> {
+    let mut pids = Vec::new();
     let me = std::process::id().to_string();
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
+        return pids;
     };
     for entry in entries.flatten() {
         let pid = entry.file_name().to_string_lossy().to_string();
@@ -382,13 +403,10 @@ fn kill_children_matching(needle: &str) -> usize {
         }
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         if String::from_utf8_lossy(&cmdline).contains(needle) {
-            let _ = std::process::Command::new("kill")
-                .args(["-9", &pid])
-                .status();
-            killed += 1;
+            pids.push(pid);
         }
     }
-    killed
+    pids
 }
 
 /// Waits until `check` passes, polling, or fails with the last error after `timeout`.

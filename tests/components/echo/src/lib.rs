@@ -11,6 +11,9 @@
 //! - `!request <subject> <timeout-ms> <text>`: answers `REPLY <subject> <body>`;
 //! - `!join <id> <group>`, `!leave <id> <group>`, `!members <group>`, `!group-send <group> <text>`,
 //!   `!send-many <id,id,...> <text>`, `!request-info <id>`;
+//! - `!flood-all <subject> <count> <size>`: the same, going on past failures, answering
+//!   `FLOODALL <ok> OK <failed> ERR <first error>`;
+//! - `!fail`: returns an error from `handle-message` (nothing is answered); `!trap`: traps;
 //! - `!flood <subject> <count> <size>`: publishes `count` bodies of `size` bytes, answering
 //!   `FLOOD <count> OK` or `FLOOD <sent> ERR <error>` at the first failure;
 //! - a lifecycle message (`ws.lifecycle.*`) is forwarded as `<subject> <body>` to `out`;
@@ -141,6 +144,22 @@ fn command(msg: &BrokerMessage, text: &str) -> Result<Option<String>, String> {
             }
             Some(format!("FLOOD {count} OK"))
         }
+        "!trap" => panic!("asked to trap"),
+        "!flood-all" => {
+            let (subject, count, size) = (arg(), arg(), arg());
+            let count = count.parse::<usize>().map_err(|e| e.to_string())?;
+            let size = size.parse::<usize>().map_err(|e| e.to_string())?;
+            let (mut ok, mut first_error) = (0, None);
+            for _ in 0..count {
+                match consumer::publish(&message(&subject, vec![b'f'; size])) {
+                    Ok(()) => ok += 1,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            Some(format!("FLOODALL {ok} OK {} ERR {}", count - ok, first_error.unwrap_or_default()))
+        }
         "!join" => {
             let (id, group) = (arg(), arg());
             sessions::join_group(&id, &group)?;
@@ -187,6 +206,7 @@ impl Guest for Echo {
         let answer_to = msg.reply_to.clone().unwrap_or_else(|| "out".to_string());
         let answer = |body: Vec<u8>| consumer::publish(&message(&answer_to, body));
         match std::str::from_utf8(&msg.body) {
+            Ok("!fail") => Err("asked to fail".to_string()),
             Ok(text) if text.starts_with('!') => match command(&msg, text) {
                 Ok(Some(reply)) => answer(reply.into_bytes()),
                 Ok(None) => Ok(()),
