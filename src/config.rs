@@ -11,7 +11,6 @@ use std::fmt;
 use std::time::Duration;
 
 use tracing::warn;
-use wasmcloud_provider_sdk::core::secrets::SecretValue;
 
 pub const URI: &str = "URI";
 pub const AUTH_TOKEN: &str = "AUTH_TOKEN";
@@ -96,6 +95,17 @@ pub enum Format {
     Json,
 }
 
+/// Keepalive settings of one socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Send a ping this often; `None` sends none.
+    pub ping_interval: Option<Duration>,
+    /// A peer silent for `ping_interval + pong_timeout` (no pong, no frame) is dead.
+    pub pong_timeout: Duration,
+    /// Close (1001) a socket that carried no data frame for this long; `None` never does.
+    pub idle_timeout: Option<Duration>,
+}
+
 /// What a server-mode link listens with (`MODE=server`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServerSettings {
@@ -166,7 +176,7 @@ pub struct LinkSettings {
     pub send_queue_len: usize,
     /// Set when `MODE=server`: the link listens instead of connecting.
     pub server: Option<ServerSettings>,
-    pub keepalive: crate::ws::socket::Keepalive,
+    pub keepalive: Keepalive,
     /// How long a publish waits for a disconnected client connection to come back.
     pub publish_wait: Duration,
     /// What to do with a peer that does not read: `true` closes it, `false` fails publishes.
@@ -191,25 +201,25 @@ pub fn normalize(map: &HashMap<String, String>) -> HashMap<String, String> {
         .collect()
 }
 
-fn secret_string(secrets: &HashMap<String, SecretValue>, key: &str) -> Option<String> {
+/// Secrets as strings (the provider converts the SDK's secret values; bytes must be UTF-8).
+pub type Secrets = HashMap<String, String>;
+
+fn secret_string(secrets: &Secrets, key: &str) -> Option<String> {
     secrets
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case(key))
-        .and_then(|(_, v)| match v {
-            SecretValue::String(s) => Some(s.clone()),
-            SecretValue::Bytes(b) => String::from_utf8(b.clone()).ok(),
-        })
+        .map(|(_, v)| v.clone())
 }
 
 /// The provider's own defaults: its config and secrets, kept for every link to start from.
 #[derive(Clone, Debug, Default)]
 pub struct ProviderDefaults {
     config: HashMap<String, String>,
-    secrets: HashMap<String, SecretValue>,
+    secrets: Secrets,
 }
 
 impl ProviderDefaults {
-    pub fn new(config: &HashMap<String, String>, secrets: &HashMap<String, SecretValue>) -> Self {
+    pub fn new(config: &HashMap<String, String>, secrets: &Secrets) -> Self {
         Self {
             config: normalize(config),
             secrets: secrets.clone(),
@@ -220,7 +230,7 @@ impl ProviderDefaults {
     pub fn link_settings(
         &self,
         link_config: &HashMap<String, String>,
-        link_secrets: &HashMap<String, SecretValue>,
+        link_secrets: &Secrets,
     ) -> Result<LinkSettings, ConfigError> {
         let link = normalize(link_config);
         let mut merged = self.config.clone();
@@ -325,7 +335,7 @@ impl ProviderDefaults {
                     },
                 }
             };
-        let keepalive = crate::ws::socket::Keepalive {
+        let keepalive = Keepalive {
             ping_interval: seconds_or_off(PING_INTERVAL_SEC, Some(DEFAULT_PING_INTERVAL))?,
             pong_timeout: match get(PONG_TIMEOUT_SEC) {
                 Some(v) => Duration::from_secs(parse_positive(PONG_TIMEOUT_SEC, v)?),
@@ -538,10 +548,7 @@ mod tests {
     #[test]
     fn headers_keep_their_name_and_tokens_come_from_secrets_first() {
         let mut secrets = HashMap::new();
-        secrets.insert(
-            "auth_token".to_string(),
-            SecretValue::String("from-secret".into()),
-        );
+        secrets.insert("auth_token".to_string(), "from-secret".to_string());
         let s = ProviderDefaults::default()
             .link_settings(
                 &map(&[("HEADER_X-Trace", "t1"), ("AUTH_TOKEN", "plain")]),

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::future::join_all;
 use tracing::{error, info, instrument, warn};
+use wasmcloud_provider_sdk::core::secrets::SecretValue;
 use wasmcloud_provider_sdk::provider::WrpcClient;
 use wasmcloud_provider_sdk::{
     get_connection, HealthCheckRequest, HealthCheckResponse, LinkConfig, LinkDeleteInfo, Provider,
@@ -34,6 +35,24 @@ pub struct Target {
     pub sessions: Vec<Arc<Session>>,
     pub frame_type: Option<FrameType>,
     pub subject: String,
+}
+
+/// The SDK's secret values as strings; a secret whose bytes are not UTF-8 is left out (with a
+/// warning that names the key, never the value).
+fn secret_strings(secrets: &HashMap<String, SecretValue>) -> crate::config::Secrets {
+    secrets
+        .iter()
+        .filter_map(|(key, value)| match value {
+            SecretValue::String(s) => Some((key.clone(), s.clone())),
+            SecretValue::Bytes(b) => match String::from_utf8(b.clone()) {
+                Ok(s) => Some((key.clone(), s)),
+                Err(_) => {
+                    warn!(secret = %key, "secret is not UTF-8 text; ignored");
+                    None
+                }
+            },
+        })
+        .collect()
 }
 
 /// How long `shutdown` waits for close frames: the host kills the process after ~300 ms.
@@ -160,7 +179,7 @@ impl WsProvider {
             .defaults
             .read()
             .unwrap_or_else(|e| e.into_inner());
-        defaults.link_settings(link.config, link.secrets)
+        defaults.link_settings(link.config, &secret_strings(link.secrets))
     }
 
     async fn wrpc_for(&self, component: &str) -> anyhow::Result<WrpcClient> {
@@ -501,7 +520,8 @@ impl WsProvider {
 
 impl Provider for WsProvider {
     async fn init(&self, init: impl ProviderInitConfig) -> anyhow::Result<()> {
-        let defaults = ProviderDefaults::new(init.get_config(), init.get_secrets());
+        let defaults =
+            ProviderDefaults::new(init.get_config(), &secret_strings(init.get_secrets()));
         *self
             .inner
             .defaults
