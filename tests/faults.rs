@@ -311,17 +311,10 @@ async fn a_peer_that_stops_reading_is_closed_with_slow_consumer_close() -> Resul
     let mut slow = target.accept().await?;
     let mut ctl = control.accept().await?;
     let subject = slow.round_trip("!whoami").await?;
-    let rss_before = env.provider_rss_kib().context("provider memory")?;
     // From here on the target peer reads nothing.
     let answer = ctl
         .round_trip(&format!("!flood {subject} 4000 65536"))
         .await?;
-    // 4,000 x 64 KiB (250 MiB) were offered; only the bounded queue and buffers were ever held.
-    let rss_after = env.provider_rss_kib().context("provider memory")?;
-    ensure!(
-        rss_after.saturating_sub(rss_before) < 64 * 1024,
-        "provider memory grew from {rss_before} KiB to {rss_after} KiB"
-    );
     ensure!(
         answer.starts_with("FLOOD ") && answer.contains("ERR"),
         "{answer}"
@@ -343,22 +336,23 @@ async fn a_peer_that_stops_reading_fails_publishes_with_slow_consumer_error() ->
     let mut ctl = control.accept().await?;
     let subject = slow.round_trip("!whoami").await?;
     let rss_before = env.provider_rss_kib().context("provider memory")?;
-    ctl.send_text(&format!("!flood-all {subject} 4000 65536"))
+    ctl.send_text(&format!("!flood-all {subject} 300 262144"))
         .await?;
-    let answer = match ctl.next_message(Duration::from_secs(90)).await? {
+    let answer = match ctl.next_message(Duration::from_secs(120)).await? {
         Message::Text(text) => text.to_string(),
         other => bail!("expected the flood report, got {other:?}"),
     };
     let rss_after = env.provider_rss_kib().context("provider memory")?;
     eprintln!("flood report: {answer}; provider RSS {rss_before} KiB -> {rss_after} KiB");
-    // Every one of the 4,000 publishes was either written or reported; all 250 MiB were offered.
+    // Every one of the 300 publishes was either written or reported; 75 MiB were offered, and
+    // only the bounded queue and write buffer were ever held.
     let words: Vec<&str> = answer.split_whitespace().collect();
     ensure!(words.first() == Some(&"FLOODALL"), "{answer}");
     let ok: usize = words.get(1).context("ok count")?.parse()?;
     let failed: usize = words.get(3).context("failed count")?.parse()?;
-    ensure!(ok + failed == 4000 && failed > 0, "{answer}");
+    ensure!(ok + failed == 300 && failed > 0, "{answer}");
     ensure!(
-        rss_after.saturating_sub(rss_before) < 64 * 1024,
+        rss_after.saturating_sub(rss_before) < 32 * 1024,
         "provider memory grew from {rss_before} KiB to {rss_after} KiB"
     );
     ensure!(
@@ -370,8 +364,8 @@ async fn a_peer_that_stops_reading_fails_publishes_with_slow_consumer_error() ->
     target.expect_no_connection(Duration::from_secs(1)).await?;
     let first = slow.next_message(Duration::from_secs(10)).await?;
     ensure!(
-        first.is_text() && first.len() == 65536,
-        "expected a flood frame of 64 KiB, got {} bytes",
+        first.is_text() && first.len() == 262_144,
+        "expected a flood frame of 256 KiB, got {} bytes",
         first.len()
     );
     env.stop().await

@@ -52,9 +52,9 @@ struct Options {
 }
 
 fn ws_config() -> WebSocketConfig {
-    // The provider's server-side settings (src/ws/server.rs).
+    // The provider's WebSocket settings (src/ws/socket.rs: ws_config).
     WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(8 * 1024)
         .write_buffer_size(16 * 1024)
         .max_write_buffer_size(4 << 20)
         .max_message_size(Some(1 << 20))

@@ -2,10 +2,8 @@
 //!
 //! [`run`] connects (with the upgrade headers and a connect timeout), then reads and writes
 //! concurrently until the socket drops, and reconnects with exponential backoff and full jitter.
-//! Inbound text and binary frames go to a [`FrameSink`] one at a time, in order: the next frame
-//! is not read until the sink is done with the previous one, so a slow component slows the
-//! socket instead of growing a queue. Outbound frames come from a bounded queue; the writer feeds
-//! every frame that is ready and flushes once, and acknowledges each frame after the flush.
+//! The open socket is served by [`serve`]: frames go to a [`FrameSink`] in order, and reading
+//! waits while the sink does, so a slow component slows the socket instead of growing a queue.
 //! Cancelling the token sends a close frame and ends the task.
 //!
 //! This module knows nothing of wasmCloud or sessions.
@@ -17,12 +15,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{header, HeaderName, HeaderValue};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::socket::{serve, ConnState, End, FrameSink, Keepalive, Outbound};
+use super::socket::{serve, ws_config, ConnState, End, FrameSink, Keepalive, Outbound};
 use crate::config::Endpoint;
+
 /// A connection that stayed up this long resets the reconnect backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(5);
 
@@ -35,17 +33,6 @@ pub struct ClientOptions {
     pub reconnect_max: Duration,
     pub max_message_bytes: usize,
     pub keepalive: Keepalive,
-}
-
-impl ClientOptions {
-    fn ws_config(&self) -> WebSocketConfig {
-        WebSocketConfig::default()
-            .read_buffer_size(8 * 1024)
-            .write_buffer_size(16 * 1024)
-            .max_write_buffer_size(self.max_message_bytes.saturating_mul(4).max(1 << 20))
-            .max_message_size(Some(self.max_message_bytes))
-            .max_frame_size(Some(self.max_message_bytes))
-    }
 }
 
 /// Builds the upgrade request: URI, `HEADER_*` headers and `Authorization: Bearer`.
@@ -167,7 +154,7 @@ async fn connect(options: &ClientOptions) -> Result<Ws, String> {
     let request = upgrade_request(&options.endpoint)?;
     let (ws, _response) = tokio_tungstenite::connect_async_tls_with_config(
         request,
-        Some(options.ws_config()),
+        Some(ws_config(options.max_message_bytes)),
         true,
         None,
     )

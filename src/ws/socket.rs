@@ -14,7 +14,7 @@ use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
@@ -51,6 +51,17 @@ pub enum ConnState {
     Connecting,
     Connected { since: SystemTime },
     Disconnected { error: String },
+}
+
+/// The WebSocket settings of every socket: a small read buffer (memory per idle session), a
+/// write buffer that batches frames until the flush, and size limits enforced while reading.
+pub fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(16 * 1024)
+        .max_write_buffer_size(max_message_bytes.saturating_mul(4).max(1 << 20))
+        .max_message_size(Some(max_message_bytes))
+        .max_frame_size(Some(max_message_bytes))
 }
 
 /// How a socket ended: the close code (the peer's, ours, or 1006 when it just dropped) and why.
