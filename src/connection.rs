@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use wasmcloud_provider_sdk::provider::WrpcClient;
 
 use crate::config::LinkSettings;
-use crate::dispatch::{self, Inbound, DELIVERY_QUEUE};
+use crate::dispatch;
 use crate::sessions::{Registry, Session, SessionOptions};
 use crate::stats::Stats;
 use crate::task::OwnedTask;
@@ -39,17 +39,14 @@ impl Connection {
         let (out_tx, out_rx) = mpsc::channel(settings.send_queue_len);
         let session = Arc::new(Session::new(
             SessionOptions {
-                component_id: component_id.to_string(),
-                link_name: link_name.to_string(),
-                remote: settings.endpoint.uri.clone(),
-                tracking: settings.session_tracking,
-                frame_type: settings.frame_type,
-                format: settings.format,
-                request: None,
                 reconnect_wait: Some(settings.publish_wait),
                 max_waiting: settings.send_queue_len,
-                write_timeout: settings.write_timeout,
-                close_slow: settings.close_slow_consumers,
+                ..SessionOptions::from_link(
+                    component_id,
+                    link_name,
+                    settings.endpoint.uri.clone(),
+                    settings,
+                )
             },
             state_rx,
             out_tx,
@@ -63,20 +60,8 @@ impl Connection {
             max_message_bytes: settings.max_message_bytes,
             keepalive: settings.keepalive,
         };
-        let (queue_tx, queue_rx) = mpsc::channel(DELIVERY_QUEUE);
-        // Ends by itself once the socket task (which owns the sending side) has ended.
-        tokio::spawn(dispatch::deliver(
-            Arc::clone(&session),
-            wrpc,
-            settings.handler_timeout,
-            Arc::clone(&stats),
-            queue_rx,
-        ));
-        let inbound = Arc::new(Inbound {
-            session: Arc::clone(&session),
-            queue: queue_tx,
-            stats,
-        });
+        // Delivery ends by itself once the socket task (which owns the sink) has ended.
+        let inbound = dispatch::start(Arc::clone(&session), wrpc, settings.handler_timeout, stats);
         let task =
             OwnedTask::spawn(|cancel| client::run(options, inbound, out_rx, state_tx, cancel));
         Arc::new(Self {

@@ -102,8 +102,32 @@ impl FrameSink for Inbound {
     }
 }
 
+/// Starts delivery for `session`: a small queue, and a task that calls `handle-message` for what
+/// is queued. The task ends by itself once every sender of the queue (the returned sink, and
+/// any clone of its `queue`) is gone.
+pub fn start(
+    session: Arc<Session>,
+    wrpc: WrpcClient,
+    timeout: Duration,
+    stats: Arc<Stats>,
+) -> Arc<Inbound> {
+    let (queue, queued) = mpsc::channel(DELIVERY_QUEUE);
+    tokio::spawn(deliver(
+        Arc::clone(&session),
+        wrpc,
+        timeout,
+        Arc::clone(&stats),
+        queued,
+    ));
+    Arc::new(Inbound {
+        session,
+        queue,
+        stats,
+    })
+}
+
 /// Calls `handle-message` for each queued message of `session`, one at a time, in order.
-pub async fn deliver(
+async fn deliver(
     session: Arc<Session>,
     wrpc: WrpcClient,
     timeout: Duration,

@@ -17,7 +17,7 @@ use wasmcloud_provider_sdk::provider::WrpcClient;
 
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
 use crate::config::LinkSettings;
-use crate::dispatch::{self, Inbound, DELIVERY_QUEUE};
+use crate::dispatch::{self, Inbound};
 use crate::sessions::{Registry, RequestInfo, Route, Session, SessionOptions};
 use crate::stats::Stats;
 use crate::task::OwnedTask;
@@ -106,22 +106,18 @@ impl Accept for Sessions {
         let (out_tx, out_rx) = mpsc::channel(self.settings.send_queue_len);
         let session = Arc::new(Session::new(
             SessionOptions {
-                component_id: self.component_id.clone(),
-                link_name: self.link_name.clone(),
-                remote: peer.addr.to_string(),
-                tracking: self.settings.session_tracking,
-                frame_type: self.settings.frame_type,
-                format: self.settings.format,
                 request: Some(RequestInfo {
                     path: peer.path,
                     query: peer.query,
                     headers: peer.headers,
                     subprotocol: peer.subprotocol,
                 }),
-                reconnect_wait: None,
-                max_waiting: 0,
-                write_timeout: self.settings.write_timeout,
-                close_slow: self.settings.close_slow_consumers,
+                ..SessionOptions::from_link(
+                    &self.component_id,
+                    &self.link_name,
+                    peer.addr.to_string(),
+                    &self.settings,
+                )
             },
             state_rx,
             out_tx,
@@ -131,35 +127,29 @@ impl Accept for Sessions {
             subject: self.subject.clone(),
         });
         self.registry.insert(Arc::clone(&session));
-        let (queue_tx, queue_rx) = mpsc::channel(DELIVERY_QUEUE);
+        let inbound = dispatch::start(
+            Arc::clone(&session),
+            self.wrpc.clone(),
+            self.settings.handler_timeout,
+            Arc::clone(&self.stats),
+        );
         if self.lifecycle {
+            // Queued before the socket is read, so it arrives before the client's first message.
             let body = serde_json::json!({
                 "session": session.id.to_string(),
                 "link": self.link_name,
                 "remote": session.remote,
                 "path": session.request.as_ref().map(|r| r.path.clone()),
             });
-            let _ = queue_tx.try_send(BrokerMessage {
+            let _ = inbound.queue.try_send(BrokerMessage {
                 subject: LIFECYCLE_CONNECTED.to_string(),
                 body: Bytes::from(body.to_string()),
                 reply_to: session.tracking.then(|| session.subject()),
             });
         }
-        tokio::spawn(dispatch::deliver(
-            Arc::clone(&session),
-            self.wrpc.clone(),
-            self.settings.handler_timeout,
-            Arc::clone(&self.stats),
-            queue_rx,
-        ));
-        let inbound = Arc::new(Inbound {
-            session: Arc::clone(&session),
-            queue: queue_tx.clone(),
-            stats: Arc::clone(&self.stats),
-        });
         let guard = Guard {
             session,
-            queue: queue_tx,
+            queue: inbound.queue.clone(),
             _state: state_tx,
         };
         (inbound, out_rx, guard)

@@ -396,14 +396,10 @@ impl WsProvider {
             .map(|((_, link), _)| link.clone())
             .min();
         if let Some(server_link) = server_link {
-            let clients = self
-                .inner
-                .registry
-                .owned_by(component)
-                .into_iter()
-                .filter(|s| s.link_name == server_link && s.request.is_some())
-                .collect();
-            return Ok(target(clients, subject));
+            return Ok(target(
+                self.server_clients(component, &server_link),
+                subject,
+            ));
         }
         if let Some(conn) = consumer.and_then(|c| c.conn.as_ref()) {
             return Ok(target(vec![Arc::clone(&conn.session)], subject));
@@ -428,6 +424,16 @@ impl WsProvider {
                 "component {component} has {n} WebSocket connections; publish to a session subject (the reply_to of an inbound message) to choose one"
             )),
         }
+    }
+
+    /// The connected clients of one of `component`'s server-mode links.
+    fn server_clients(&self, component: &str, link_name: &str) -> Vec<Arc<Session>> {
+        self.inner
+            .registry
+            .owned_by(component)
+            .into_iter()
+            .filter(|s| s.link_name == link_name && s.request.is_some())
+            .collect()
     }
 
     /// The caller's own tracked session `id` (a UUID string).
@@ -460,14 +466,7 @@ impl WsProvider {
         let clients: usize = links
             .servers
             .keys()
-            .map(|(component, link)| {
-                self.inner
-                    .registry
-                    .owned_by(component)
-                    .iter()
-                    .filter(|s| &s.link_name == link && s.request.is_some())
-                    .count()
-            })
+            .map(|(component, link)| self.server_clients(component, link).len())
             .sum();
         format!(
             "links: {} handler, {} consumer, {} refused; connections: {} connected, {} reconnecting; listeners: {} with {} clients",

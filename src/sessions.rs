@@ -128,6 +128,31 @@ pub struct SessionOptions {
     pub close_slow: bool,
 }
 
+impl SessionOptions {
+    /// The options a link's settings give a session; callers set what differs by mode
+    /// (`request`, `reconnect_wait`, `max_waiting`).
+    pub fn from_link(
+        component_id: &str,
+        link_name: &str,
+        remote: String,
+        settings: &crate::config::LinkSettings,
+    ) -> Self {
+        Self {
+            component_id: component_id.to_string(),
+            link_name: link_name.to_string(),
+            remote,
+            tracking: settings.session_tracking,
+            frame_type: settings.frame_type,
+            format: settings.format,
+            request: None,
+            reconnect_wait: None,
+            max_waiting: 0,
+            write_timeout: settings.write_timeout,
+            close_slow: settings.close_slow_consumers,
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -515,14 +540,6 @@ impl Registry {
             .collect();
         sessions.sort_by_key(|s| s.id);
         sessions
-    }
-
-    pub fn len(&self) -> usize {
-        self.sessions.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty()
     }
 }
 
