@@ -423,7 +423,9 @@ async fn a_server_session_whose_peer_never_answers_pings_is_closed() -> Result<(
             ("MODE", "server"),
             ("LISTEN_ADDRESS", &address),
             ("PING_INTERVAL_SEC", "1"),
-            ("PONG_TIMEOUT_SEC", "1"),
+            // Generous: the watcher below shares this process with the host, whose component
+            // compiles can keep it from answering a ping for a second or two under CI load.
+            ("PONG_TIMEOUT_SEC", "4"),
         ],
     )
     .await?;
@@ -439,7 +441,7 @@ async fn a_server_session_whose_peer_never_answers_pings_is_closed() -> Result<(
     );
     // The watcher reads (and so answers pings); the silent one is dropped within the bound.
     let mut last = String::new();
-    for _ in 0..40 {
+    for _ in 0..80 {
         last = watcher.round_trip("!list").await?;
         if last.starts_with("LIST 1") {
             break;
