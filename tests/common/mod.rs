@@ -365,6 +365,12 @@ impl Drop for Env {
         // A test that failed may not have stopped the host: kill the provider processes it
         // started (they would otherwise outlive the test and keep reconnecting to NATS).
         kill_children_matching(&self.host_id);
+        // The host extracts the provider binary from the PAR into this per-host cache and never
+        // removes it: about 100 MiB per test, which fills a disk over a few runs.
+        let cache = std::env::temp_dir()
+            .join("wasmcloudcache")
+            .join(&self.host_id);
+        let _ = std::fs::remove_dir_all(cache);
     }
 }
 
