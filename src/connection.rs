@@ -7,8 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::wrpc::ComponentClient;
 use tokio::sync::{mpsc, watch};
-use wasmcloud_provider_sdk::provider::WrpcClient;
 
 use crate::config::LinkSettings;
 use crate::dispatch;
@@ -31,7 +31,7 @@ impl Connection {
         component_id: &str,
         link_name: &str,
         settings: &LinkSettings,
-        wrpc: WrpcClient,
+        wrpc: ComponentClient,
         registry: Arc<Registry>,
         stats: Arc<Stats>,
     ) -> Arc<Self> {

@@ -12,10 +12,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::wrpc::ComponentClient;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
-use wasmcloud_provider_sdk::provider::WrpcClient;
 
 use tokio_tungstenite::tungstenite::Message;
 
@@ -107,7 +107,7 @@ impl FrameSink for Inbound {
 /// any clone of its `queue`) is gone.
 pub fn start(
     session: Arc<Session>,
-    wrpc: WrpcClient,
+    wrpc: ComponentClient,
     timeout: Duration,
     stats: Arc<Stats>,
 ) -> Arc<Inbound> {
@@ -129,7 +129,7 @@ pub fn start(
 /// Calls `handle-message` for each queued message of `session`, one at a time, in order.
 async fn deliver(
     session: Arc<Session>,
-    wrpc: WrpcClient,
+    wrpc: ComponentClient,
     timeout: Duration,
     stats: Arc<Stats>,
     mut queue: mpsc::Receiver<BrokerMessage>,

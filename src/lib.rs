@@ -5,6 +5,7 @@
 //! - [`sessions`]: the session registry, the only shared state;
 //! - [`dispatch`]: inbound frames to a component's `handle-message`;
 //! - [`provider`] and [`exports`]: the wasmCloud glue (links, health, shutdown, wRPC exports);
+//! - [`wrpc`]: the client for calls into components (`handle-message`);
 //! - [`config`]: typed, case-insensitive link configuration.
 
 pub mod config;
@@ -17,6 +18,7 @@ pub mod provider;
 pub mod sessions;
 pub mod stats;
 pub mod task;
+pub mod wrpc;
 pub mod ws;
 
 pub use provider::WsProvider;

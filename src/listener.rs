@@ -11,9 +11,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::wrpc::ComponentClient;
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
-use wasmcloud_provider_sdk::provider::WrpcClient;
 
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
 use crate::config::LinkSettings;
@@ -38,7 +38,7 @@ impl Listener {
         component_id: &str,
         link_name: &str,
         settings: &LinkSettings,
-        wrpc: WrpcClient,
+        wrpc: ComponentClient,
         registry: Arc<Registry>,
         stats: Arc<Stats>,
     ) -> Result<Arc<Self>, String> {
@@ -83,7 +83,7 @@ struct Sessions {
     subject: String,
     settings: LinkSettings,
     lifecycle: bool,
-    wrpc: WrpcClient,
+    wrpc: ComponentClient,
     registry: Arc<Registry>,
     stats: Arc<Stats>,
 }

@@ -16,9 +16,8 @@ use anyhow::Context as _;
 use futures::future::join_all;
 use tracing::{error, info, instrument, warn};
 use wasmcloud_provider_sdk::core::secrets::SecretValue;
-use wasmcloud_provider_sdk::provider::WrpcClient;
 use wasmcloud_provider_sdk::{
-    get_connection, HealthCheckRequest, HealthCheckResponse, LinkConfig, LinkDeleteInfo, Provider,
+    load_host_data, HealthCheckRequest, HealthCheckResponse, LinkConfig, LinkDeleteInfo, Provider,
     ProviderInitConfig,
 };
 
@@ -27,6 +26,7 @@ use crate::connection::Connection;
 use crate::listener::Listener;
 use crate::sessions::{parse_session_subject, Registry, Route, Session};
 use crate::stats::Stats;
+use crate::wrpc::{ComponentClient, Invoker};
 use crate::ws::socket::ConnState;
 
 /// Where a publish goes: the sessions, the frame type chosen by the consumer link (if it set
@@ -120,13 +120,6 @@ impl Links {
     fn prune_pool(&mut self) {
         self.pool.retain(|_, conn| conn.strong_count() > 0);
     }
-
-    fn component_has_links(&self, component: &str) -> bool {
-        self.handlers
-            .keys()
-            .chain(self.consumers.keys())
-            .any(|(c, _)| c == component)
-    }
 }
 
 struct Inner {
@@ -134,8 +127,8 @@ struct Inner {
     registry: Arc<Registry>,
     stats: Arc<Stats>,
     links: Mutex<Links>,
-    /// One wRPC client per linked component (each holds a NATS inbox subscription).
-    clients: tokio::sync::Mutex<HashMap<String, WrpcClient>>,
+    /// The client for calls into components, connected on first use.
+    invoker: tokio::sync::OnceCell<Invoker>,
 }
 
 /// The WebSocket messaging provider. Cheap to clone: all state is shared.
@@ -158,7 +151,7 @@ impl WsProvider {
                 registry: Arc::default(),
                 stats: Arc::default(),
                 links: Mutex::default(),
-                clients: tokio::sync::Mutex::default(),
+                invoker: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -182,17 +175,24 @@ impl WsProvider {
         defaults.link_settings(link.config, &secret_strings(link.secrets))
     }
 
-    async fn wrpc_for(&self, component: &str) -> anyhow::Result<WrpcClient> {
-        let mut clients = self.inner.clients.lock().await;
-        if let Some(client) = clients.get(component) {
-            return Ok(client.clone());
-        }
-        let client = get_connection()
-            .get_wrpc_client(component)
-            .await
-            .with_context(|| format!("failed to create a wRPC client for {component}"))?;
-        clients.insert(component.to_string(), client.clone());
-        Ok(client)
+    /// A client for calls into `component`, over the provider's own lattice connection.
+    async fn wrpc_for(&self, component: &str) -> anyhow::Result<ComponentClient> {
+        let invoker = self
+            .inner
+            .invoker
+            .get_or_try_init(|| async {
+                let host = load_host_data().context("no host data")?;
+                Invoker::connect(
+                    &host.lattice_rpc_url,
+                    &host.lattice_rpc_user_jwt,
+                    &host.lattice_rpc_user_seed,
+                    &host.lattice_rpc_prefix,
+                    &host.provider_key,
+                )
+                .await
+            })
+            .await?;
+        Ok(invoker.component(component))
     }
 
     /// Finds or opens the connection of `component` for `settings`.
@@ -335,7 +335,6 @@ impl WsProvider {
     async fn remove_link(&self, direction: Direction, component: &str, link_name: &str) {
         let key = (component.to_string(), link_name.to_string());
         let removed_any;
-        let drop_client;
         {
             let mut links = self.links();
             links.errors.remove(&(direction, key.clone()));
@@ -346,10 +345,6 @@ impl WsProvider {
                 Direction::Consumer => links.consumers.remove(&key).is_some(),
             };
             links.prune_pool();
-            drop_client = !links.component_has_links(component);
-        }
-        if drop_client {
-            self.inner.clients.lock().await.remove(component);
         }
         info!(
             direction = direction.as_str(),
@@ -602,7 +597,6 @@ impl Provider for WsProvider {
         let stopping = servers.values().map(|s| s.listener.close(SHUTDOWN_GRACE));
         futures::future::join(join_all(closing), join_all(stopping)).await;
         drop((handlers, consumers, servers));
-        self.inner.clients.lock().await.clear();
         info!("websocket messaging provider shut down");
         Ok(())
     }

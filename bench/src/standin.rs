@@ -17,6 +17,7 @@ mod bindings {
 }
 
 use bindings::wasmcloud::messaging::consumer;
+use wasmcloud_provider_messaging_websocket::wrpc::{ComponentClient, Invoker};
 use bindings::wasmcloud::messaging::types::BrokerMessage;
 
 const LATTICE: &str = "default";
@@ -24,9 +25,11 @@ const PROVIDER_ID: &str = "ws-messaging";
 const STANDIN_ID: &str = "standin";
 
 /// The stand-in's shared state: the wRPC client that calls the provider, and hung-call counts.
+/// It calls with the provider's own race-free client (`src/wrpc.rs`), so that what the bench
+/// measures is the provider, not wrpc-transport-nats 0.29's lost replies in the caller.
 #[derive(Clone)]
 pub struct StandIn {
-    provider: wrpc_transport_nats::Client,
+    provider: ComponentClient,
     pub hung: Arc<AtomicU64>,
 }
 
@@ -64,7 +67,7 @@ pub async fn start(nats_url: &str) -> Result<StandIn> {
     let nats = async_nats::connect(nats_url).await?;
     let prefix = format!("{LATTICE}.{STANDIN_ID}");
     let server = wrpc_transport_nats::Client::new(nats.clone(), prefix.clone(), Some(prefix.into())).await?;
-    let provider = wrpc_transport_nats::Client::new(nats, format!("{LATTICE}.{PROVIDER_ID}"), None).await?;
+    let provider = Invoker::new(nats, LATTICE, STANDIN_ID).await?.component(PROVIDER_ID);
     let standin = StandIn {
         provider,
         hung: Arc::default(),
