@@ -1,39 +1,143 @@
-//! Benchmark P's moving parts: the provider binary, started by hand the way a host starts it
-//! (host data as one base64 JSON line on stdin, links included), and a native stand-in component
-//! that serves `handle-message` over wRPC and publishes each body back to its session.
+//! The native stand-in component and the provider it is linked with.
+//!
+//! The stand-in runs in a process of its own (so its CPU time is its own) and serves:
+//! - component `standin`: `handle-message` that publishes each body back to its session through
+//!   the provider's `consumer.publish`, or runs a fan-out command (`!fanout-prepare`,
+//!   `!fanout <n|all>`) through the provider's session API;
+//! - component `b3`: `handle-message` that returns at once (baseline B3, a raw wRPC call);
+//! - NATS subject `bench.echo`: a plain request/reply responder (baseline B2);
+//! - NATS subject `bench.standin.stats`: its hung and failed call counts, as JSON.
+//!
+//! It calls the provider with the provider's own race-free client (`src/wrpc.rs`), so that P
+//! measures the provider, not wrpc-transport-nats 0.29's lost replies in the caller.
 
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use base64::Engine as _;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
+use wasmcloud_provider_messaging_websocket::wrpc::{ComponentClient, Invoker};
 
 mod bindings {
     wit_bindgen_wrpc::generate!({ world: "standin", path: "wit", generate_all });
 }
 
 use bindings::wasmcloud::messaging::consumer;
-use wasmcloud_provider_messaging_websocket::wrpc::{ComponentClient, Invoker};
 use bindings::wasmcloud::messaging::types::BrokerMessage;
+use bindings::wasmcloud_websocket::provider::sessions;
 
-const LATTICE: &str = "default";
-const PROVIDER_ID: &str = "ws-messaging";
+pub const LATTICE: &str = "default";
+pub const PROVIDER_ID: &str = "ws-messaging";
 const STANDIN_ID: &str = "standin";
+pub const B3_ID: &str = "b3";
+/// The subject of the provider's server link: a publish to it reaches every client.
+const LINK_SUBJECT: &str = "ws.bench";
+/// Every call the stand-in makes is bounded by this; longer ones are counted as hung.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The stand-in's shared state: the wRPC client that calls the provider, and hung-call counts.
-/// It calls with the provider's own race-free client (`src/wrpc.rs`), so that what the bench
-/// measures is the provider, not wrpc-transport-nats 0.29's lost replies in the caller.
 #[derive(Clone)]
-pub struct StandIn {
+struct StandIn {
     provider: ComponentClient,
-    pub hung: Arc<AtomicU64>,
+    /// Session IDs for fan-out, from the last `!fanout-prepare`.
+    targets: Arc<Mutex<Vec<String>>>,
+    hung: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
 }
 
-impl bindings::exports::wasmcloud::messaging::handler::Handler<Option<async_nats::HeaderMap>> for StandIn {
+fn headers() -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("source-id", STANDIN_ID);
+    headers.insert("link-name", "default");
+    headers
+}
+
+impl StandIn {
+    /// Runs one call into the provider with the timeout, counting hangs and failures.
+    async fn call<T>(
+        &self,
+        call: impl std::future::Future<Output = anyhow::Result<Result<T, String>>>,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(Ok(Ok(v))) => Ok(v),
+            Ok(Ok(Err(e))) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+            Ok(Err(e)) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                Err(format!("{e:#}"))
+            }
+            Err(_) => {
+                self.hung.fetch_add(1, Ordering::Relaxed);
+                Err("call hung".into())
+            }
+        }
+    }
+
+    async fn reply(&self, to: &str, body: impl Into<bytes::Bytes>) -> Result<(), String> {
+        let out = BrokerMessage {
+            subject: to.to_string(),
+            body: body.into(),
+            reply_to: None,
+        };
+        self.call(consumer::publish(&self.provider, Some(headers()), &out))
+            .await
+    }
+
+    async fn fanout(&self, caller: &str, command: &str) -> Result<String, String> {
+        if command == "prepare" {
+            let sessions = self
+                .call(sessions::list_sessions(&self.provider, Some(headers())))
+                .await?;
+            let ids: Vec<String> = sessions
+                .into_iter()
+                .map(|s| s.id)
+                .filter(|id| id != caller)
+                .collect();
+            let n = ids.len();
+            *self.targets.lock().unwrap_or_else(|e| e.into_inner()) = ids;
+            return Ok(format!("ready {n}"));
+        }
+        let msg = |subject: &str| BrokerMessage {
+            subject: subject.to_string(),
+            body: bytes::Bytes::from_static(b"fan-out message, 32 bytes long.."),
+            reply_to: None,
+        };
+        let delivered = if command == "all" {
+            self.call(sessions::broadcast(
+                &self.provider,
+                Some(headers()),
+                &msg(LINK_SUBJECT),
+            ))
+            .await?
+        } else {
+            let n: usize = command
+                .parse()
+                .map_err(|_| format!("bad fan-out count {command:?}"))?;
+            let ids: Vec<String> = {
+                let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+                targets.iter().take(n).cloned().collect()
+            };
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            self.call(sessions::send_many(
+                &self.provider,
+                Some(headers()),
+                &ids,
+                &msg(LINK_SUBJECT),
+            ))
+            .await?
+        };
+        Ok(format!("done {delivered}"))
+    }
+}
+
+impl bindings::exports::wasmcloud::messaging::handler::Handler<Option<async_nats::HeaderMap>>
+    for StandIn
+{
     async fn handle_message(
         &self,
         _cx: Option<async_nats::HeaderMap>,
@@ -42,37 +146,46 @@ impl bindings::exports::wasmcloud::messaging::handler::Handler<Option<async_nats
         let Some(reply_to) = msg.reply_to else {
             return Ok(Err("no reply_to".to_string()));
         };
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("source-id", STANDIN_ID);
-        headers.insert("link-name", "default");
-        let out = BrokerMessage {
-            subject: reply_to,
-            body: msg.body,
-            reply_to: None,
-        };
-        // Bound the whole call: wrpc-transport-nats 0.29 can lose a reply under load.
-        match tokio::time::timeout(Duration::from_secs(10), consumer::publish(&self.provider, Some(headers), &out)).await {
-            Ok(Ok(result)) => Ok(result),
-            Ok(Err(e)) => Ok(Err(format!("{e:#}"))),
-            Err(_) => {
-                self.hung.fetch_add(1, Ordering::Relaxed);
-                Ok(Err("publish hung".to_string()))
-            }
+        if let Some(command) = msg.body.strip_prefix(b"!fanout") {
+            let caller = reply_to.strip_prefix("ws.session.").unwrap_or_default();
+            let command = String::from_utf8_lossy(command).trim().to_string();
+            let command = command.strip_prefix('-').unwrap_or(&command).to_string();
+            let answer = match self.fanout(caller, &command).await {
+                Ok(answer) => answer,
+                Err(e) => format!("error {e}"),
+            };
+            return Ok(self.reply(&reply_to, answer).await);
         }
+        Ok(self.reply(&reply_to, msg.body).await)
     }
 }
 
-/// Starts serving the stand-in's `handle-message` on NATS.
-pub async fn start(nats_url: &str) -> Result<StandIn> {
-    let nats = async_nats::connect(nats_url).await?;
-    let prefix = format!("{LATTICE}.{STANDIN_ID}");
-    let server = wrpc_transport_nats::Client::new(nats.clone(), prefix.clone(), Some(prefix.into())).await?;
-    let provider = Invoker::new(nats, LATTICE, STANDIN_ID).await?.component(PROVIDER_ID);
-    let standin = StandIn {
-        provider,
-        hung: Arc::default(),
-    };
-    let invocations = bindings::serve(&server, standin.clone()).await?;
+/// Baseline B3's server: a `handle-message` that does nothing.
+#[derive(Clone)]
+struct Noop;
+
+impl bindings::exports::wasmcloud::messaging::handler::Handler<Option<async_nats::HeaderMap>>
+    for Noop
+{
+    async fn handle_message(
+        &self,
+        _cx: Option<async_nats::HeaderMap>,
+        _msg: BrokerMessage,
+    ) -> anyhow::Result<Result<(), String>> {
+        Ok(Ok(()))
+    }
+}
+
+/// Serves every invocation of `server`'s exports on its own task.
+async fn serve_exports<H>(server: wrpc_transport_nats::Client, handler: H) -> Result<()>
+where
+    H: bindings::exports::wasmcloud::messaging::handler::Handler<Option<async_nats::HeaderMap>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    let invocations = bindings::serve(&server, handler).await?;
     let mut invocations = futures::stream::select_all(invocations.into_iter().map(|(_, _, s)| s));
     tokio::spawn(async move {
         let _server = server;
@@ -82,7 +195,74 @@ pub async fn start(nats_url: &str) -> Result<StandIn> {
             }
         }
     });
-    Ok(standin)
+    Ok(())
+}
+
+/// `--serve-standin NATS_URL`: runs the stand-in process until killed.
+pub async fn serve(nats_url: &str) -> Result<()> {
+    let nats = async_nats::connect(nats_url).await?;
+    let server = |id: &str| {
+        let prefix = format!("{LATTICE}.{id}");
+        wrpc_transport_nats::Client::new(nats.clone(), prefix.clone(), Some(prefix.into()))
+    };
+    let provider = Invoker::new(nats.clone(), LATTICE, STANDIN_ID)
+        .await?
+        .component(PROVIDER_ID);
+    let standin = StandIn {
+        provider,
+        targets: Arc::default(),
+        hung: Arc::default(),
+        failed: Arc::default(),
+    };
+    serve_exports(server(STANDIN_ID).await?, standin.clone()).await?;
+    serve_exports(server(B3_ID).await?, Noop).await?;
+
+    let mut echo = nats.subscribe("bench.echo").await?;
+    let responder = nats.clone();
+    tokio::spawn(async move {
+        while let Some(m) = echo.next().await {
+            if let Some(reply) = m.reply {
+                let _ = responder.publish(reply, m.payload).await;
+            }
+        }
+    });
+    let mut stats = nats.subscribe("bench.standin.stats").await?;
+    while let Some(m) = stats.next().await {
+        if let Some(reply) = m.reply {
+            let body = serde_json::json!({
+                "hung": standin.hung.load(Ordering::Relaxed),
+                "failed": standin.failed.load(Ordering::Relaxed),
+            });
+            let _ = nats.publish(reply, body.to_string().into()).await;
+        }
+    }
+    Ok(())
+}
+
+/// The stand-in's hung and failed call counts so far.
+pub async fn stats(nats: &async_nats::Client) -> Result<(u64, u64)> {
+    let reply = nats
+        .request("bench.standin.stats", bytes::Bytes::new())
+        .await?;
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    Ok((
+        v["hung"].as_u64().unwrap_or(0),
+        v["failed"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// Waits until the stand-in answers on NATS.
+pub async fn wait_ready(nats: &async_nats::Client) -> Result<()> {
+    for _ in 0..100 {
+        if tokio::time::timeout(Duration::from_millis(500), stats(nats))
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the stand-in did not start")
 }
 
 /// Starts the provider binary with host data naming its links: a server-mode handler link to
@@ -104,12 +284,18 @@ pub async fn start_provider(bin: &str, nats_url: &str, port: u16) -> Result<toki
                     "MODE": "server",
                     "LISTEN_ADDRESS": format!("127.0.0.1:{port}"),
                     "MAX_CONNECTIONS": "100000",
+                    "FRAME_TYPE": "binary",
                 },
                 "target_config": {}
             },
             {
                 "source_id": STANDIN_ID, "target": PROVIDER_ID, "name": "default",
                 "wit_namespace": "wasmcloud", "wit_package": "messaging", "interfaces": ["consumer"],
+                "source_config": {}, "target_config": {}
+            },
+            {
+                "source_id": STANDIN_ID, "target": PROVIDER_ID, "name": "default",
+                "wit_namespace": "wasmcloud-websocket", "wit_package": "provider", "interfaces": ["sessions"],
                 "source_config": {}, "target_config": {}
             }
         ],
