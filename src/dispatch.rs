@@ -39,7 +39,8 @@ static HANDLER_SLOTS: tokio::sync::Semaphore =
 /// The reader-side sink of one session.
 pub struct Inbound {
     pub session: Arc<Session>,
-    pub queue: mpsc::Sender<BrokerMessage>,
+    /// Boxed, so the queue's up-front room for 32 items is 32 pointers (see `Outbound`).
+    pub queue: mpsc::Sender<Box<BrokerMessage>>,
     pub stats: Arc<Stats>,
 }
 
@@ -93,7 +94,7 @@ impl FrameSink for Inbound {
     async fn frame(&self, payload: Bytes, _text: bool) {
         if let Some(message) = self.message(payload) {
             // Waiting here is the backpressure: the socket is not read while the queue is full.
-            let _ = self.queue.send(message).await;
+            let _ = self.queue.send(Box::new(message)).await;
         }
     }
 
@@ -132,14 +133,15 @@ async fn deliver(
     wrpc: ComponentClient,
     timeout: Duration,
     stats: Arc<Stats>,
-    mut queue: mpsc::Receiver<BrokerMessage>,
+    mut queue: mpsc::Receiver<Box<BrokerMessage>>,
 ) {
     while let Some(message) = queue.recv().await {
         let Ok(_slot) = HANDLER_SLOTS.acquire().await else {
             return;
         };
         let session = &session;
-        let call = handler::handle_message(&wrpc, None, &message);
+        // Boxed: the call's state is large, and an idle session should not carry it.
+        let call = Box::pin(handler::handle_message(&wrpc, None, &message));
         match tokio::time::timeout(timeout, call).await {
             Ok(Ok(Ok(()))) => {
                 Stats::bump(&stats.delivered);

@@ -91,7 +91,7 @@ struct Sessions {
 /// Lives as long as one client connection.
 struct Guard {
     session: Arc<Session>,
-    queue: mpsc::Sender<BrokerMessage>,
+    queue: mpsc::Sender<Box<BrokerMessage>>,
     _state: watch::Sender<ConnState>,
 }
 
@@ -99,7 +99,7 @@ impl Accept for Sessions {
     type Sink = Inbound;
     type Guard = Guard;
 
-    fn open(&self, peer: PeerInfo) -> (Arc<Inbound>, mpsc::Receiver<Outbound>, Guard) {
+    fn open(&self, peer: PeerInfo) -> (Arc<Inbound>, mpsc::Receiver<Box<Outbound>>, Guard) {
         let (state_tx, state_rx) = watch::channel(ConnState::Connected {
             since: SystemTime::now(),
         });
@@ -141,11 +141,11 @@ impl Accept for Sessions {
                 "remote": session.remote,
                 "path": session.request.as_ref().map(|r| r.path.clone()),
             });
-            let _ = inbound.queue.try_send(BrokerMessage {
+            let _ = inbound.queue.try_send(Box::new(BrokerMessage {
                 subject: LIFECYCLE_CONNECTED.to_string(),
                 body: Bytes::from(body.to_string()),
                 reply_to: session.tracking.then(|| session.subject()),
-            });
+            }));
         }
         let guard = Guard {
             session,
@@ -179,7 +179,7 @@ impl Accept for Sessions {
             };
             // Queued behind the session's last messages, so it is delivered after them.
             tokio::spawn(async move {
-                let _ = queue.send(message).await;
+                let _ = queue.send(Box::new(message)).await;
             });
         }
     }

@@ -73,7 +73,7 @@ pub struct Session {
     pub frame_type: FrameType,
     pub format: Format,
     state: watch::Receiver<ConnState>,
-    outbound: mpsc::Sender<Outbound>,
+    outbound: mpsc::Sender<Box<Outbound>>,
     routes: Mutex<Vec<Route>>,
     metadata: Mutex<BTreeMap<String, String>>,
     pending: Mutex<HashMap<String, oneshot::Sender<Envelope>>>,
@@ -171,7 +171,7 @@ impl Session {
     pub fn new(
         options: SessionOptions,
         state: watch::Receiver<ConnState>,
-        outbound: mpsc::Sender<Outbound>,
+        outbound: mpsc::Sender<Box<Outbound>>,
     ) -> Self {
         Self {
             id: Uuid::new_v4(),
@@ -331,10 +331,10 @@ impl Session {
         }
         let (ack, done) = oneshot::channel();
         self.outbound
-            .try_send(Outbound {
+            .try_send(Box::new(Outbound {
                 message,
                 ack: Some(ack),
-            })
+            }))
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => {
                     self.slow_consumer(format!("send queue of session {} is full", self.id))
@@ -401,7 +401,7 @@ impl Session {
     /// Queues one frame without waiting for the write (error frames); fails when the queue is full.
     pub fn send_nowait(&self, message: Message) -> Result<(), String> {
         self.outbound
-            .try_send(Outbound { message, ack: None })
+            .try_send(Box::new(Outbound { message, ack: None }))
             .map_err(|_| format!("send queue of session {} is full or closed", self.id))
     }
 

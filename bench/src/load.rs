@@ -33,7 +33,7 @@ pub const HUNG_AFTER: Duration = Duration::from_secs(10);
 /// The provider's WebSocket settings (src/ws/socket.rs: `ws_config`), used by baseline B1.
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
+        .read_buffer_size(4 * 1024)
         .write_buffer_size(16 * 1024)
         .max_write_buffer_size(4 << 20)
         .max_message_size(Some(1 << 20))

@@ -283,6 +283,16 @@ async fn main() -> Result<()> {
             sessions: 20,
             idle: 1000,
         }
+    } else if let Some(idle) = arg("--idle").and_then(|n| n.parse().ok()) {
+        // `--idle N`: one quick round with N idle sessions (for memory work).
+        Options {
+            quick,
+            rounds: 1,
+            duration: Duration::from_secs(1),
+            latency_samples: 300,
+            sessions: 20,
+            idle,
+        }
     } else {
         Options {
             quick,
@@ -310,7 +320,7 @@ async fn main() -> Result<()> {
     procs::wait_port(ws_port).await?;
     let client = async_nats::connect(nats.url.as_str()).await?;
     standin::wait_ready(&client).await?;
-    let provider = standin::start_provider(&provider_bin, &nats.url, provider_port).await?;
+    let mut provider = standin::start_provider(&provider_bin, &nats.url, provider_port).await?;
     procs::wait_port(provider_port).await?;
 
     let me = std::process::id();
@@ -400,21 +410,30 @@ async fn main() -> Result<()> {
                     results.entry((t, s)).or_default().push(f);
                 }
             }
-            if *name == "B1 ws" || *name == "P provider" {
-                let Target::Ws(port) = target else { continue };
-                let Some(server) = pids.server else { continue };
-                let fanout = *name == "P provider";
-                let idle = idle_and_fanout(
-                    *port,
-                    server,
-                    &Sources::new(100 + round as u8),
-                    opts.idle,
-                    fanout,
-                )
-                .await?;
-                idle_results.entry(name).or_default().push(idle);
-            }
         }
+    }
+    // Idle sessions and fan-out, on fresh server processes each round: memory freed by earlier
+    // scenarios would otherwise be reused and hide the cost of a session.
+    for round in 0..opts.rounds {
+        eprintln!("idle sessions, round {} of {}", round + 1, opts.rounds);
+        let sources = Sources::new(100 + round as u8);
+        let port = procs::free_port()?;
+        let mut server = procs::spawn_self(&["--serve-ws", &port.to_string()])?;
+        procs::wait_port(port).await?;
+        let pid = server.id().context("no pid")?;
+        let idle = idle_and_fanout(port, pid, &sources, opts.idle, false).await?;
+        idle_results.entry("B1 ws").or_default().push(idle);
+        let _ = server.kill().await;
+
+        let port = procs::free_port()?;
+        let _ = provider.kill().await;
+        let _ = provider.wait().await;
+        provider = standin::start_provider(&provider_bin, &nats.url, port).await?;
+        procs::wait_port(port).await?;
+        let pid = provider.id().context("no pid")?;
+        let sources = Sources::new(150 + round as u8);
+        let idle = idle_and_fanout(port, pid, &sources, opts.idle, true).await?;
+        idle_results.entry("P provider").or_default().push(idle);
     }
     let (standin_hung, standin_failed) = standin::stats(&client).await.unwrap_or((0, 0));
     let elapsed = started.elapsed();

@@ -82,7 +82,7 @@ impl Backoff {
 pub async fn run<S: FrameSink>(
     options: ClientOptions,
     sink: Arc<S>,
-    mut outbound: mpsc::Receiver<Outbound>,
+    mut outbound: mpsc::Receiver<Box<Outbound>>,
     state: watch::Sender<ConnState>,
     cancel: CancellationToken,
 ) {

@@ -62,7 +62,8 @@ pub trait Accept: Send + Sync + 'static {
     /// Kept while the connection lives, handed back to [`Accept::closed`].
     type Guard: Send + 'static;
     /// A client passed admission: returns where its frames go and the queue it is written from.
-    fn open(&self, peer: PeerInfo) -> (Arc<Self::Sink>, mpsc::Receiver<Outbound>, Self::Guard);
+    fn open(&self, peer: PeerInfo)
+        -> (Arc<Self::Sink>, mpsc::Receiver<Box<Outbound>>, Self::Guard);
     /// The connection ended.
     fn closed(&self, guard: Self::Guard, closed: Closed);
 }
@@ -180,7 +181,11 @@ async fn connection<A: Accept>(
                 debug!(%addr, "TLS handshake failed or timed out");
                 return;
             };
-            upgrade(stream, addr, &options, &*acceptor, &cancel, &active).await;
+            // Boxed: a TLS session is large, and plain connections should not carry its size.
+            Box::pin(upgrade(
+                stream, addr, &options, &*acceptor, &cancel, &active,
+            ))
+            .await;
         }
         None => upgrade(stream, addr, &options, &*acceptor, &cancel, &active).await,
     }

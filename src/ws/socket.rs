@@ -28,6 +28,8 @@ const WRITE_BATCH: usize = 64;
 pub const CLOSE_GRACE: Duration = Duration::from_millis(200);
 
 /// A frame to write, with an optional acknowledgement sent once it was flushed (or failed).
+/// Queues hold it boxed: a tokio channel allocates room for 32 items up front, and an idle
+/// session should pay for 32 pointers, not 32 frames.
 #[derive(Debug)]
 pub struct Outbound {
     pub message: Message,
@@ -57,7 +59,7 @@ pub enum ConnState {
 /// write buffer that batches frames until the flush, and size limits enforced while reading.
 pub fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
+        .read_buffer_size(4 * 1024)
         .write_buffer_size(16 * 1024)
         .max_write_buffer_size(max_message_bytes.saturating_mul(4).max(1 << 20))
         .max_message_size(Some(max_message_bytes))
@@ -111,7 +113,7 @@ pub enum End {
 pub async fn serve<S, T>(
     ws: WebSocketStream<T>,
     sink: &S,
-    outbound: &mut mpsc::Receiver<Outbound>,
+    outbound: &mut mpsc::Receiver<Box<Outbound>>,
     cancel: &CancellationToken,
     cancel_code: CloseCode,
     keepalive: Keepalive,
@@ -208,7 +210,7 @@ where
 /// Between writes it sends keepalive pings and ends the socket when the peer is dead or idle.
 async fn write_loop<W>(
     writer: &mut W,
-    outbound: &mut mpsc::Receiver<Outbound>,
+    outbound: &mut mpsc::Receiver<Box<Outbound>>,
     keepalive: Keepalive,
     liveness: &Liveness,
 ) -> Closed
@@ -266,11 +268,12 @@ where
         let mut result = Ok(());
         let mut closed = None;
         while let Some(item) = next.take() {
-            acks.extend(item.ack);
-            if let Message::Close(frame) = &item.message {
+            let Outbound { message, ack } = *item;
+            acks.extend(ack);
+            if let Message::Close(frame) = &message {
                 closed = Some(frame.as_ref().map_or(1000, |f| u16::from(f.code)));
             }
-            if let Err(e) = writer.feed(item.message).await {
+            if let Err(e) = writer.feed(message).await {
                 result = Err(format!("write failed: {e}"));
                 break;
             }
