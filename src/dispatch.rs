@@ -10,7 +10,7 @@
 //! logged with the session and subject, counted, and do not stop the messages that follow.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::wrpc::ComponentClient;
 use bytes::Bytes;
@@ -55,7 +55,7 @@ impl Inbound {
                 let envelope = match envelope::decode(&payload) {
                     Ok(envelope) => envelope,
                     Err(error) => {
-                        Stats::bump(&self.stats.invalid_envelopes);
+                        self.stats.undelivered("invalid_envelope");
                         warn!(session = %session.id, component = %session.component_id, %error,
                             "invalid envelope; error frame sent to the peer");
                         let _ = session.send_nowait(Message::text(envelope::error_frame(&error)));
@@ -77,7 +77,7 @@ impl Inbound {
             }
         };
         let Some(route) = session.route() else {
-            Stats::bump(&self.stats.undeliverable);
+            self.stats.undelivered("no_handler");
             warn!(session = %session.id, component = %session.component_id,
                 "frame arrived on a connection with no handler link; not delivered");
             return None;
@@ -90,8 +90,19 @@ impl Inbound {
     }
 }
 
+impl Inbound {
+    fn mode(&self) -> &'static str {
+        if self.session.request.is_some() {
+            crate::stats::SERVER
+        } else {
+            crate::stats::CLIENT
+        }
+    }
+}
+
 impl FrameSink for Inbound {
     async fn frame(&self, payload: Bytes, _text: bool) {
+        self.stats.frame_in(self.mode(), payload.len());
         if let Some(message) = self.message(payload) {
             // Waiting here is the backpressure: the socket is not read while the queue is full.
             let _ = self.queue.send(Box::new(message)).await;
@@ -100,6 +111,22 @@ impl FrameSink for Inbound {
 
     async fn kicked(&self) {
         self.session.kicked().await;
+    }
+
+    fn connected(&self) {
+        self.stats.session_opened(self.mode());
+    }
+
+    fn disconnected(&self) {
+        self.stats.session_closed(self.mode());
+    }
+
+    fn written(&self, frames: u64, bytes: u64) {
+        self.stats.frames_out(self.mode(), frames, bytes);
+    }
+
+    fn reconnected(&self) {
+        self.stats.reconnected();
     }
 }
 
@@ -142,23 +169,27 @@ async fn deliver(
         let session = &session;
         // Boxed: the call's state is large, and an idle session should not carry it.
         let call = Box::pin(handler::handle_message(&wrpc, None, &message));
-        match tokio::time::timeout(timeout, call).await {
+        let started = Instant::now();
+        let result = tokio::time::timeout(timeout, call).await;
+        let outcome = match &result {
+            Ok(Ok(Ok(()))) => "ok",
+            Ok(_) => "error",
+            Err(_) => "timeout",
+        };
+        stats.handled(started.elapsed(), outcome);
+        match result {
             Ok(Ok(Ok(()))) => {
-                Stats::bump(&stats.delivered);
                 debug!(session = %session.id, subject = %message.subject, "delivered");
             }
             Ok(Ok(Err(error))) => {
-                Stats::bump(&stats.handler_errors);
                 warn!(session = %session.id, subject = %message.subject, %error,
                     component = %session.component_id, "handle-message returned an error");
             }
             Ok(Err(error)) => {
-                Stats::bump(&stats.handler_errors);
                 warn!(session = %session.id, subject = %message.subject, error = %format!("{error:#}"),
                     component = %session.component_id, "handle-message call failed");
             }
             Err(_) => {
-                Stats::bump(&stats.handler_timeouts);
                 warn!(session = %session.id, subject = %message.subject,
                     component = %session.component_id, ?timeout,
                     "handle-message did not finish in time; counted as hung");

@@ -24,7 +24,6 @@ use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
 use crate::config::{Format, FrameType};
 use crate::provider::WsProvider;
 use crate::sessions::Session;
-use crate::stats::Stats;
 
 /// Writes `msg` to one session, as its format and the frame type say.
 async fn send_to(
@@ -68,15 +67,10 @@ fn caller(cx: &Option<Context>) -> Result<(&str, &str), String> {
 
 impl WsProvider {
     fn count_publish(&self, result: &Result<(), String>) {
+        self.stats().publish(result.is_ok());
         match result {
-            Ok(()) => {
-                Stats::bump(&self.stats().published);
-                trace!("publish written");
-            }
-            Err(error) => {
-                Stats::bump(&self.stats().publish_errors);
-                debug!(%error, "publish refused");
-            }
+            Ok(()) => trace!("publish written"),
+            Err(error) => debug!(%error, "publish refused"),
         }
     }
 

@@ -39,6 +39,34 @@ pub mod bindings {
 /// The name the provider reports to the host and in logs.
 pub const PROVIDER_NAME: &str = "messaging-websocket-provider";
 
+/// Provider config key: how often OpenTelemetry metrics are exported, in milliseconds (the
+/// OpenTelemetry SDK's own default is 60 s). The host clears the provider's environment, so the
+/// standard `OTEL_METRIC_EXPORT_INTERVAL` variable can only come from here.
+pub const METRIC_EXPORT_INTERVAL: &str = "OTEL_METRIC_EXPORT_INTERVAL";
+
+/// Sets `OTEL_METRIC_EXPORT_INTERVAL` for the metrics exporter from the provider's config;
+/// returns a warning for a value that is not a positive number of milliseconds.
+fn export_interval_from_config() -> Option<String> {
+    let host = wasmcloud_provider_sdk::provider::load_host_data().ok()?;
+    let value = host
+        .config
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(METRIC_EXPORT_INTERVAL))
+        .map(|(_, v)| v.trim());
+    match value {
+        Some(ms) if ms.parse::<u64>().is_ok_and(|ms| ms > 0) => {
+            // Before any other thread reads the environment: the runtime has one thread, and
+            // the exporter is built after this.
+            std::env::set_var(METRIC_EXPORT_INTERVAL, ms);
+            None
+        }
+        Some(bad) => Some(format!(
+            "{METRIC_EXPORT_INTERVAL}={bad:?} is not a positive number of milliseconds; using the default (60 s)"
+        )),
+        None => None,
+    }
+}
+
 /// Runs the provider until the host shuts it down.
 pub async fn run() -> anyhow::Result<()> {
     use anyhow::Context as _;
@@ -46,10 +74,15 @@ pub async fn run() -> anyhow::Result<()> {
 
     // wss:// uses rustls with ring; installing twice is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let interval_warning = export_interval_from_config();
     wasmcloud_provider_sdk::initialize_observability!(
         PROVIDER_NAME,
         std::env::var_os("PROVIDER_MESSAGING_WEBSOCKET_FLAMEGRAPH_PATH")
     );
+    if let Some(warning) = interval_warning {
+        tracing::warn!("{warning}");
+    }
+    // After observability: its metrics instruments come from the meter provider set up there.
     let provider = WsProvider::default();
     let shutdown = run_provider(provider.clone(), PROVIDER_NAME)
         .await

@@ -155,6 +155,10 @@ impl Accept for Sessions {
         (inbound, out_rx, guard)
     }
 
+    fn rejected(&self, status: u16) {
+        self.stats.rejected(status);
+    }
+
     fn closed(&self, guard: Guard, closed: Closed) {
         let Guard {
             session,

@@ -8,48 +8,17 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _, Result};
 use common::ws::{connect, connect_with, upgrade_status, Server};
-use common::{free_port, Env};
+use common::Env;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 const SILENCE: Duration = Duration::from_millis(700);
 
-/// Starts the test component `id` with the session API and a server-mode handler link named
-/// `link` listening on a free port; returns the `ws://` base URL.
-async fn serve(env: &Env, id: &str, link: &str, extra: &[(&str, &str)]) -> Result<String> {
-    env.component("test_echo", id).await?;
-    env.link_consumer(id, "default", &[]).await?;
-    env.link_sessions(id).await?;
-    let address = format!("127.0.0.1:{}", free_port()?);
-    let mut pairs = vec![("MODE", "server"), ("LISTEN_ADDRESS", address.as_str())];
-    pairs.extend(extra.iter().copied());
-    let config = format!("{link}-cfg");
-    env.config(&config, &pairs).await?;
-    env.link_handler(id, link, &[&config]).await?;
-    let url = format!("ws://{address}");
-    wait_listening(&url).await?;
-    Ok(url)
-}
-
-/// Waits until the listener accepts TCP connections.
-async fn wait_listening(url: &str) -> Result<()> {
-    let address = url.trim_start_matches("ws://").trim_start_matches("wss://");
-    let address = address.split('/').next().unwrap_or(address).to_string();
-    common::eventually(Duration::from_secs(15), || {
-        let address = address.clone();
-        async move {
-            tokio::net::TcpStream::connect(&address).await?;
-            Ok(())
-        }
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn three_clients_get_their_own_echo_and_plain_publishes_reach_all() -> Result<()> {
     let env = Env::start().await?;
-    let url = serve(&env, "room", "room-server", &[]).await?;
+    let url = env.serve("room", "room-server", &[]).await?;
     let mut clients = Vec::new();
     for _ in 0..3 {
         clients.push(connect(&url, &[("user-agent", "test-client")]).await?);
@@ -87,7 +56,7 @@ async fn three_clients_get_their_own_echo_and_plain_publishes_reach_all() -> Res
 #[tokio::test(flavor = "multi_thread")]
 async fn a_group_publish_reaches_only_members() -> Result<()> {
     let env = Env::start().await?;
-    let url = serve(&env, "groups", "groups-server", &[]).await?;
+    let url = env.serve("groups", "groups-server", &[]).await?;
     let (mut a, mut b, mut c) = (
         connect(&url, &[]).await?,
         connect(&url, &[]).await?,
@@ -134,7 +103,9 @@ async fn lifecycle_messages_arrive_in_order() -> Result<()> {
     let mut monitor_server = Server::start().await?;
     env.config("monitor-cfg", &[("URI", &monitor_server.uri())])
         .await?;
-    let url = serve(&env, "life", "life-server", &[("LIFECYCLE_EVENTS", "true")]).await?;
+    let url = env
+        .serve("life", "life-server", &[("LIFECYCLE_EVENTS", "true")])
+        .await?;
     env.link_handler("life", "life-monitor", &["monitor-cfg"])
         .await?;
     let mut monitor = monitor_server.accept().await?;
@@ -174,19 +145,19 @@ async fn lifecycle_messages_arrive_in_order() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn admission_refuses_bad_tokens_foreign_origins_and_too_many_clients() -> Result<()> {
     let env = Env::start().await?;
-    let url = serve(
-        &env,
-        "gate",
-        "gate-server",
-        &[
-            ("AUTH_TOKEN", "letmein"),
-            ("ALLOWED_ORIGINS", "https://app.example"),
-            ("MAX_CONNECTIONS", "2"),
-            ("PATH", "/chat"),
-            ("SUBPROTOCOLS", "chat.v2,chat.v1"),
-        ],
-    )
-    .await?;
+    let url = env
+        .serve(
+            "gate",
+            "gate-server",
+            &[
+                ("AUTH_TOKEN", "letmein"),
+                ("ALLOWED_ORIGINS", "https://app.example"),
+                ("MAX_CONNECTIONS", "2"),
+                ("PATH", "/chat"),
+                ("SUBPROTOCOLS", "chat.v2,chat.v1"),
+            ],
+        )
+        .await?;
     let chat = format!("{url}/chat");
     let origin = ("origin", "https://app.example");
     let bearer = ("authorization", "Bearer letmein");
@@ -252,16 +223,16 @@ async fn a_wss_client_trusting_a_test_ca_completes_a_round_trip() -> Result<()> 
     std::fs::write(&cert_path, cert.pem())?;
     std::fs::write(&key_path, key.serialize_pem())?;
 
-    let url = serve(
-        &env,
-        "secure",
-        "secure-server",
-        &[
-            ("TLS_CERT_FILE", cert_path.to_str().context("path")?),
-            ("TLS_KEY_FILE", key_path.to_str().context("path")?),
-        ],
-    )
-    .await?;
+    let url = env
+        .serve(
+            "secure",
+            "secure-server",
+            &[
+                ("TLS_CERT_FILE", cert_path.to_str().context("path")?),
+                ("TLS_KEY_FILE", key_path.to_str().context("path")?),
+            ],
+        )
+        .await?;
     let port = url.rsplit(':').next().context("port")?;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der().clone())?;
@@ -286,7 +257,7 @@ async fn a_wss_client_trusting_a_test_ca_completes_a_round_trip() -> Result<()> 
 #[tokio::test(flavor = "multi_thread")]
 async fn deleting_the_link_closes_every_client_and_a_taken_address_fails_clearly() -> Result<()> {
     let env = Env::start().await?;
-    let url = serve(&env, "first", "first-server", &[]).await?;
+    let url = env.serve("first", "first-server", &[]).await?;
     let mut clients = [connect(&url, &[]).await?, connect(&url, &[]).await?];
 
     // A second link asking for the same address is refused; the first keeps working.

@@ -493,8 +493,12 @@ async fn main() -> Result<()> {
         "\n| fan-out (P, one component call) | delivered | ms to last arrival | deliveries/s |"
     );
     println!("| --- | ---: | ---: | ---: |");
-    let mut labels: Vec<String> = fanouts.iter().map(|f| f.0.clone()).collect();
-    labels.dedup();
+    let mut labels: Vec<String> = Vec::new();
+    for (label, _, _) in &fanouts {
+        if !labels.contains(label) {
+            labels.push(label.clone());
+        }
+    }
     let mut fanout_all_rate = 0.0;
     let mut fanout_missing = 0;
     for label in &labels {

@@ -91,6 +91,7 @@ pub async fn run<S: FrameSink>(
         max: options.reconnect_max,
         attempt: 0,
     };
+    let mut ever_connected = false;
     loop {
         state.send_replace(ConnState::Connecting);
         let attempt = tokio::select! {
@@ -101,6 +102,9 @@ pub async fn run<S: FrameSink>(
             Ok(Ok(ws)) => {
                 let up_at = Instant::now();
                 info!(uri = %options.endpoint.uri, "websocket connected");
+                if std::mem::replace(&mut ever_connected, true) {
+                    sink.reconnected();
+                }
                 state.send_replace(ConnState::Connected {
                     since: SystemTime::now(),
                 });

@@ -66,6 +66,8 @@ pub trait Accept: Send + Sync + 'static {
         -> (Arc<Self::Sink>, mpsc::Receiver<Box<Outbound>>, Self::Guard);
     /// The connection ended.
     fn closed(&self, guard: Self::Guard, closed: Closed);
+    /// Admission refused an upgrade request with this HTTP status.
+    fn rejected(&self, _status: u16) {}
 }
 
 /// Loads a PEM certificate chain and private key for `wss://`.
@@ -203,8 +205,10 @@ async fn upgrade<T, A>(
     A: Accept,
 {
     let mut admitted = None;
+    let mut refused = None;
     let callback = |request: &Request, response: Response| {
-        let (peer, slot, response) = admit(request, response, addr, options, active)?;
+        let (peer, slot, response) = admit(request, response, addr, options, active)
+            .inspect_err(|refusal| refused = Some(refusal.status().as_u16()))?;
         admitted = Some((peer, slot));
         Ok(response)
     };
@@ -214,6 +218,9 @@ async fn upgrade<T, A>(
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             debug!(%addr, error = %e, "upgrade refused or failed");
+            if let Some(status) = refused {
+                acceptor.rejected(status);
+            }
             return;
         }
         Err(_) => {

@@ -45,6 +45,18 @@ pub trait FrameSink: Send + Sync + 'static {
     fn kicked(&self) -> impl Future<Output = ()> + Send {
         std::future::pending()
     }
+
+    /// The socket is open (called before the first read).
+    fn connected(&self) {}
+
+    /// The socket is done (called once, after the last read and write).
+    fn disconnected(&self) {}
+
+    /// `frames` data frames with `bytes` of payload were written and flushed.
+    fn written(&self, _frames: u64, _bytes: u64) {}
+
+    /// A client connection came back after a drop.
+    fn reconnected(&self) {}
 }
 
 /// The connection state that the owner can watch.
@@ -102,6 +114,15 @@ impl Liveness {
     }
 }
 
+/// Tells the sink the socket is done, on every way out of [`serve`].
+struct OpenGuard<'a, S: FrameSink>(&'a S);
+
+impl<S: FrameSink> Drop for OpenGuard<'_, S> {
+    fn drop(&mut self) {
+        self.0.disconnected();
+    }
+}
+
 pub enum End {
     /// The owner cancelled; a close frame with the given code was sent.
     Cancelled,
@@ -123,6 +144,8 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut writer, mut reader) = ws.split();
+    sink.connected();
+    let _open = OpenGuard(sink);
     let liveness = Liveness {
         opened: Instant::now(),
         last_seen: AtomicU64::new(0),
@@ -162,7 +185,7 @@ where
         }
         Closed::abnormal("connection closed".to_string())
     };
-    let write = write_loop(&mut writer, outbound, keepalive, &liveness);
+    let write = write_loop(&mut writer, outbound, keepalive, &liveness, sink);
     let result = tokio::select! {
         () = cancel.cancelled() => None,
         () = sink.kicked() => Some(Closed {
@@ -208,14 +231,16 @@ where
 /// After a close frame (a component closing the session) it gives the peer `CLOSE_GRACE` to
 /// answer, then ends, so a peer that never answers cannot hold the connection open.
 /// Between writes it sends keepalive pings and ends the socket when the peer is dead or idle.
-async fn write_loop<W>(
+async fn write_loop<W, S>(
     writer: &mut W,
     outbound: &mut mpsc::Receiver<Box<Outbound>>,
     keepalive: Keepalive,
     liveness: &Liveness,
+    sink: &S,
 ) -> Closed
 where
     W: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+    S: FrameSink,
 {
     let mut acks = Vec::with_capacity(WRITE_BATCH);
     let tick_every = [keepalive.ping_interval, keepalive.idle_timeout]
@@ -267,9 +292,14 @@ where
         let mut next = Some(first);
         let mut result = Ok(());
         let mut closed = None;
+        let (mut frames, mut bytes) = (0u64, 0u64);
         while let Some(item) = next.take() {
             let Outbound { message, ack } = *item;
             acks.extend(ack);
+            if message.is_text() || message.is_binary() {
+                frames += 1;
+                bytes += message.len() as u64;
+            }
             if let Message::Close(frame) = &message {
                 closed = Some(frame.as_ref().map_or(1000, |f| u16::from(f.code)));
             }
@@ -286,6 +316,9 @@ where
                 .flush()
                 .await
                 .map_err(|e| format!("write failed: {e}"));
+        }
+        if result.is_ok() && frames > 0 {
+            sink.written(frames, bytes);
         }
         for ack in acks.drain(..) {
             let _ = ack.send(result.clone());

@@ -15,9 +15,7 @@ use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use wasmcloud_test_util::control_interface::{Client as CtlClient, ClientBuilder};
 use wasmcloud_test_util::lattice::link::{assert_advertise_link, assert_remove_link};
 use wasmcloud_test_util::provider::StartProviderArgs;
-use wasmcloud_test_util::{
-    assert_config_put, assert_scale_component, assert_start_provider, WasmCloudTestHost,
-};
+use wasmcloud_test_util::{assert_config_put, assert_scale_component, assert_start_provider};
 
 pub const LATTICE: &str = "default";
 pub const PROVIDER_ID: &str = "ws-messaging";
@@ -110,7 +108,7 @@ pub fn provider_binary() -> Result<PathBuf> {
 }
 
 /// Crates built for `wasm32-wasip2` by [`component`].
-const COMPONENT_CRATES: &[&str] = &["tests/components/echo", "examples/echo"];
+const COMPONENT_CRATES: &[&str] = &["tests/components/echo", "examples/echo", "examples/chat"];
 
 fn build_components() -> Result<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -161,7 +159,7 @@ pub async fn provider_par(dir: &Path) -> Result<PathBuf> {
 /// One complete environment: NATS, host, provider. Tests add components, config and links.
 pub struct Env {
     pub nats: Nats,
-    host: Option<WasmCloudTestHost>,
+    host: Option<HostShutdown>,
     pub ctl: CtlClient,
     pub client: async_nats::Client,
     pub host_id: String,
@@ -170,25 +168,37 @@ pub struct Env {
 
 impl Env {
     pub async fn start() -> Result<Self> {
+        Self::start_with(wasmcloud_core::OtelConfig::default(), &[]).await
+    }
+
+    /// Starts an environment whose host hands `otel` to the provider (as `wasmcloud
+    /// --enable-metrics` and friends would), and whose provider starts with `provider_config`
+    /// as its named config.
+    pub async fn start_with(
+        otel: wasmcloud_core::OtelConfig,
+        provider_config: &[(&str, &str)],
+    ) -> Result<Self> {
         let nats = Nats::start().await?;
         let tmp = tempfile::tempdir()?;
-        let host = WasmCloudTestHost::start(&nats.url, LATTICE)
-            .await
-            .context("failed to start the wasmCloud host")?;
+        let (host_id, shutdown) = start_host(&nats.url, otel).await?;
         let client = async_nats::connect(&nats.url).await?;
         let ctl = ClientBuilder::new(client.clone())
             .lattice(LATTICE.to_string())
             .build();
-        let host_id = host.host_id();
         let env = Self {
             nats,
-            host: Some(host),
+            host: Some(shutdown),
             ctl,
             client,
             host_id,
             tmp,
         };
-        env.start_provider(&[]).await?;
+        if provider_config.is_empty() {
+            env.start_provider(&[]).await?;
+        } else {
+            env.config("provider-config", provider_config).await?;
+            env.start_provider(&["provider-config"]).await?;
+        }
         Ok(env)
     }
 
@@ -336,8 +346,8 @@ impl Env {
             Ok(())
         })
         .await;
-        if let Some(host) = self.host.take() {
-            host.stop().await?;
+        if let Some(shutdown) = self.host.take() {
+            shutdown.await?;
         }
         Ok(())
     }
@@ -431,4 +441,70 @@ where
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
+}
+
+impl Env {
+    /// Starts the test component `id` with the session API and a server-mode handler link named
+    /// `link` listening on a free port; returns the `ws://` base URL.
+    pub async fn serve(&self, id: &str, link: &str, extra: &[(&str, &str)]) -> Result<String> {
+        self.component("test_echo", id).await?;
+        self.link_consumer(id, "default", &[]).await?;
+        self.link_sessions(id).await?;
+        let address = format!("127.0.0.1:{}", free_port()?);
+        let mut pairs = vec![("MODE", "server"), ("LISTEN_ADDRESS", address.as_str())];
+        pairs.extend(extra.iter().copied());
+        let config = format!("{link}-cfg");
+        self.config(&config, &pairs).await?;
+        self.link_handler(id, link, &[&config]).await?;
+        let url = format!("ws://{address}");
+        wait_listening(&url).await?;
+        Ok(url)
+    }
+}
+
+/// Waits until the listener of a `ws://` URL accepts TCP connections.
+pub async fn wait_listening(url: &str) -> Result<()> {
+    let address = url.trim_start_matches("ws://").trim_start_matches("wss://");
+    let address = address.split('/').next().unwrap_or(address).to_string();
+    eventually(Duration::from_secs(15), || {
+        let address = address.clone();
+        async move {
+            tokio::net::TcpStream::connect(&address).await?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// The in-process host's shutdown: the host runs until it is awaited.
+pub type HostShutdown = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>;
+
+/// Starts a wasmCloud host in this process on `nats_url` (lattice `default`), configured as
+/// wasmcloud-test-util's test host is, plus `otel`; returns its ID and its shutdown.
+pub async fn start_host(
+    nats_url: &str,
+    otel: wasmcloud_core::OtelConfig,
+) -> Result<(String, HostShutdown)> {
+    use wasmcloud_host::wasmbus::{Features, Host, HostConfig};
+    let nats_url = url::Url::parse(nats_url)?;
+    let host_key = std::sync::Arc::new(nkeys::KeyPair::new_server());
+    let host_id = host_key.public_key();
+    let (_host, shutdown) = Host::new(HostConfig {
+        ctl_nats_url: nats_url.clone(),
+        rpc_nats_url: nats_url,
+        lattice: LATTICE.into(),
+        host_key: Some(host_key),
+        provider_shutdown_delay: Some(Duration::from_millis(300)),
+        allow_file_load: true,
+        experimental_features: Features::new()
+            .enable_builtin_http_client()
+            .enable_builtin_http_server()
+            .enable_builtin_messaging_nats()
+            .enable_wasmcloud_messaging_v3(),
+        otel_config: otel,
+        ..Default::default()
+    })
+    .await
+    .context("failed to start the wasmCloud host")?;
+    Ok((host_id, Box::pin(shutdown)))
 }

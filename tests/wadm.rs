@@ -1,0 +1,124 @@
+//! The wasmCloud user's path: each example's wadm manifest, parsed and deployed through wadm
+//! (in process, as `wash app deploy` would deploy it) onto an in-process host, then messages
+//! flow end to end over real WebSocket peers.
+//!
+//! The manifests are used as written, except for what only this machine knows: the image paths
+//! of the freshly built component and provider archive, and free ports.
+
+mod common;
+#[path = "common/wadm.rs"]
+mod lattice;
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _, Result};
+use common::ws::{connect, Server};
+use lattice::{deploy, wait_deployed, DevLattice};
+
+/// Reads an example manifest and points it at this build: `(from, to)` replacements, each of
+/// which must apply.
+fn manifest(path: &str, replacements: &[(&str, String)]) -> Result<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut text =
+        std::fs::read_to_string(root.join(path)).with_context(|| format!("read {path}"))?;
+    for (from, to) in replacements {
+        ensure!(text.contains(from), "{path} no longer contains {from:?}");
+        text = text.replace(from, to);
+    }
+    Ok(text)
+}
+
+const PROVIDER_IMAGE: &str = "file://../../build/messaging-websocket-provider.par.gz";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn echo_example_deploys_through_wadm_and_echoes() -> Result<()> {
+    let nats = common::Nats::start().await?;
+    let dev = DevLattice::start(&nats.url).await?;
+    let client = async_nats::connect(&nats.url).await?;
+    let tmp = tempfile::tempdir()?;
+    let par = common::provider_par(tmp.path()).await?;
+    let mut server = Server::start().await?;
+    let text = manifest(
+        "examples/echo/wadm.yaml",
+        &[
+            (
+                "file://./target/wasm32-wasip2/release/ws_echo.wasm",
+                format!("file://{}", common::component("ws_echo")?.display()),
+            ),
+            (PROVIDER_IMAGE, format!("file://{}", par.display())),
+            ("ws://127.0.0.1:8080/", server.uri()),
+        ],
+    )?;
+    let name = deploy(&client, &text).await?;
+    wait_deployed(&client, &name, Duration::from_secs(60)).await?;
+
+    // The provider connects to our server for the echo component; what we send comes back.
+    let mut peer = server.accept().await?;
+    for text in ["hello, wadm", "second message"] {
+        peer.send_text(text).await?;
+        assert_eq!(peer.recv_text().await?, format!("echo: {text}"));
+    }
+    dev.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_example_deploys_through_wadm_and_clients_chat() -> Result<()> {
+    let nats = common::Nats::start().await?;
+    let dev = DevLattice::start(&nats.url).await?;
+    let client = async_nats::connect(&nats.url).await?;
+    let tmp = tempfile::tempdir()?;
+    let par = common::provider_par(tmp.path()).await?;
+    let address = format!("127.0.0.1:{}", common::free_port()?);
+    let text = manifest(
+        "examples/chat/wadm.yaml",
+        &[
+            (
+                "file://./target/wasm32-wasip2/release/ws_chat.wasm",
+                format!("file://{}", common::component("ws_chat")?.display()),
+            ),
+            (PROVIDER_IMAGE, format!("file://{}", par.display())),
+            ("127.0.0.1:8090", address.clone()),
+        ],
+    )?;
+    let name = deploy(&client, &text).await?;
+    wait_deployed(&client, &name, Duration::from_secs(60)).await?;
+    let url = format!("ws://{address}/chat");
+    common::wait_listening(&url).await?;
+
+    // Two people join the room: each is welcomed, and the first sees the second arrive.
+    let mut ann = connect(&url, &[]).await?;
+    let welcome = ann.recv_text().await?;
+    ensure!(welcome.starts_with("welcome, "), "{welcome}");
+    ensure!(ann.recv_text().await?.ends_with(" joined"));
+    ann.send_text("/nick ann").await?;
+    ensure!(ann.recv_text().await?.ends_with(" is now ann"));
+
+    let mut bob = connect(&url, &[]).await?;
+    let bob_welcome = bob.recv_text().await?;
+    let bob_was = bob_welcome
+        .strip_prefix("welcome, ")
+        .context("no welcome for bob")?
+        .to_string();
+    assert_eq!(bob.recv_text().await?, format!("* {bob_was} joined"));
+    assert_eq!(ann.recv_text().await?, format!("* {bob_was} joined"));
+    bob.send_text("/nick bob").await?;
+    for peer in [&mut ann, &mut bob] {
+        assert_eq!(peer.recv_text().await?, format!("* {bob_was} is now bob"));
+    }
+
+    // One line from each reaches the whole room, in order, and nothing else arrives.
+    ann.send_text("hi bob").await?;
+    for peer in [&mut ann, &mut bob] {
+        assert_eq!(peer.recv_text().await?, "ann: hi bob");
+    }
+    bob.send_text("hi ann").await?;
+    for peer in [&mut ann, &mut bob] {
+        assert_eq!(peer.recv_text().await?, "bob: hi ann");
+    }
+    ann.expect_silence(Duration::from_millis(500)).await?;
+
+    // Bob leaves; the room hears of it.
+    drop(bob);
+    assert_eq!(ann.recv_text().await?, format!("* {bob_was} left"));
+    dev.stop().await
+}
