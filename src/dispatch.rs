@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::wrpc::ComponentClient;
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::{debug, info_span, warn, Instrument as _};
 
 use tokio_tungstenite::tungstenite::Message;
 
@@ -154,6 +154,26 @@ pub fn start(
     })
 }
 
+/// The trace context of `span` as invocation headers, so the component's spans continue this
+/// trace; `None` when there is no trace to continue (tracing off).
+fn trace_headers(span: &tracing::Span) -> Option<async_nats::HeaderMap> {
+    use wasmcloud_provider_sdk::wasmcloud_tracing::context::TraceContextInjector;
+    if span.is_disabled() {
+        return None;
+    }
+    let mut injector = TraceContextInjector::new(Default::default());
+    injector.inject_context_from_span(span);
+    let context: &std::collections::HashMap<String, String> = injector.as_ref();
+    if context.is_empty() {
+        return None;
+    }
+    let mut headers = async_nats::HeaderMap::new();
+    for (key, value) in context {
+        headers.insert(key.as_str(), value.as_str());
+    }
+    Some(headers)
+}
+
 /// Calls `handle-message` for each queued message of `session`, one at a time, in order.
 async fn deliver(
     session: Arc<Session>,
@@ -167,8 +187,11 @@ async fn deliver(
             return;
         };
         let session = &session;
+        let span = info_span!("handle_message", session = %session.id,
+            component = %session.component_id, subject = %message.subject);
+        let headers = trace_headers(&span);
         // Boxed: the call's state is large, and an idle session should not carry it.
-        let call = Box::pin(handler::handle_message(&wrpc, None, &message));
+        let call = Box::pin(handler::handle_message(&wrpc, headers, &message).instrument(span));
         let started = Instant::now();
         let result = tokio::time::timeout(timeout, call).await;
         let outcome = match &result {

@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::join_all;
-use tracing::{debug, trace};
+use tracing::{debug, instrument, trace};
 use uuid::Uuid;
-use wasmcloud_provider_sdk::Context;
+use wasmcloud_provider_sdk::{propagate_trace_for_ctx, Context};
 
 use crate::bindings::exports::wasmcloud::messaging::consumer;
 use crate::bindings::exports::wasmcloud_websocket::provider::sessions::{
@@ -162,16 +162,20 @@ impl WsProvider {
 }
 
 impl consumer::Handler<Option<Context>> for WsProvider {
+    #[instrument(level = "info", skip_all, fields(subject = %msg.subject))]
     async fn publish(
         &self,
         cx: Option<Context>,
         msg: BrokerMessage,
     ) -> anyhow::Result<Result<(), String>> {
+        // Continue the caller's trace (the host sends its context with the invocation).
+        propagate_trace_for_ctx!(cx);
         let result = self.publish_message(&cx, msg).await;
         self.count_publish(&result);
         Ok(result)
     }
 
+    #[instrument(level = "info", skip_all, fields(subject = %subject))]
     async fn request(
         &self,
         cx: Option<Context>,
@@ -179,6 +183,7 @@ impl consumer::Handler<Option<Context>> for WsProvider {
         body: Bytes,
         timeout_ms: u32,
     ) -> anyhow::Result<Result<BrokerMessage, String>> {
+        propagate_trace_for_ctx!(cx);
         Ok(self.request_reply(&cx, &subject, body, timeout_ms).await)
     }
 }
