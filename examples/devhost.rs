@@ -3,9 +3,9 @@
 //! `nats-server -js`. `wash` 0.43 drives it as it drives an official host: `wash get inventory`,
 //! `wash start provider`, `wash link put`, `wash app deploy`.
 //!
-//! Run: `nats-server -js &` then `cargo run --example devhost [-- --nats nats://127.0.0.1:4222]`
-//! from the repository root (file:// image paths in the example manifests are relative to it).
-//! Ctrl-C stops the host and everything it runs. Needs nats-server 2.10+ (wadm), see
+//! Run: `nats-server -js &` then `cargo run --example devhost [-- --nats nats://127.0.0.1:4222]`.
+//! (`wash app deploy` resolves the manifests' relative file:// paths itself.)
+//! Ctrl-C (or SIGTERM) stops the host and everything it runs. Needs nats-server 2.10+ (wadm), see
 //! `scripts/setup.sh`.
 
 #[path = "../tests/common/mod.rs"]
@@ -31,7 +31,12 @@ async fn main() -> Result<()> {
         dev.host_id,
         common::LATTICE
     );
-    tokio::signal::ctrl_c().await?;
+    // Ctrl-C or SIGTERM: stop the host properly, so it stops the providers it started.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = terminate.recv() => {}
+    }
     println!("stopping");
     dev.stop().await
 }

@@ -20,8 +20,11 @@ ctl=(--ctl-host 127.0.0.1 --ctl-port "$port")
 store=$(mktemp -d)
 pids=()
 cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  # Newest first: the devhost stops its host (and the provider it runs) before NATS goes.
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill -INT "${pids[i]}" 2>/dev/null || true
+    wait "${pids[i]}" 2>/dev/null || true
+  done
   rm -rf "$store"
 }
 trap cleanup EXIT

@@ -28,7 +28,7 @@ fn manifest(path: &str, replacements: &[(&str, String)]) -> Result<String> {
     Ok(text)
 }
 
-const PROVIDER_IMAGE: &str = "file://./build/messaging-websocket-provider.par.gz";
+const PROVIDER_IMAGE: &str = "file://../../build/messaging-websocket-provider.par.gz";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn echo_example_deploys_through_wadm_and_echoes() -> Result<()> {
@@ -42,7 +42,7 @@ async fn echo_example_deploys_through_wadm_and_echoes() -> Result<()> {
         "examples/echo/wadm.yaml",
         &[
             (
-                "file://./examples/echo/target/wasm32-wasip2/release/ws_echo.wasm",
+                "file://./target/wasm32-wasip2/release/ws_echo.wasm",
                 format!("file://{}", common::component("ws_echo")?.display()),
             ),
             (PROVIDER_IMAGE, format!("file://{}", par.display())),
@@ -73,7 +73,7 @@ async fn chat_example_deploys_through_wadm_and_clients_chat() -> Result<()> {
         "examples/chat/wadm.yaml",
         &[
             (
-                "file://./examples/chat/target/wasm32-wasip2/release/ws_chat.wasm",
+                "file://./target/wasm32-wasip2/release/ws_chat.wasm",
                 format!("file://{}", common::component("ws_chat")?.display()),
             ),
             (PROVIDER_IMAGE, format!("file://{}", par.display())),
