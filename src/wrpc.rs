@@ -15,7 +15,8 @@
 //! 2. the component's host accepts on `<inbox>.<n>`, naming its own subject `S` as reply;
 //! 3. the rest of the parameters, then an empty end-of-stream message, go to `S.params` (when
 //!    all of them fit in step 1 there is no rest, and nothing is sent: the parameters are
-//!    complete, and the server reads no further);
+//!    complete, and the server reads no further; a call with no parameter bytes at all still
+//!    sends the end-of-stream, which the server waits for);
 //! 4. the results arrive on `<inbox>.<n>.results`, ended by an empty message.
 //!
 //! A host that does not serve the component answers step 1 with NATS "no responders", which
@@ -264,6 +265,7 @@ impl wrpc_transport::Invoke for ComponentClient {
             .saturating_sub(reply.len())
             .saturating_sub(headers_len(&headers));
         let inline = params.split_to(max_payload.min(params.len()));
+        let inline_empty = inline.is_empty();
         inner
             .nats
             .publish_with_reply_and_headers(
@@ -275,8 +277,10 @@ impl wrpc_transport::Invoke for ComponentClient {
             .await
             .context("failed to publish the call")?;
         // With every parameter in the first message there is nothing to send after the accept:
-        // the results are read at once, and the accept is only watched for a refusal.
-        let (state, watch_accept) = if params.is_empty() {
+        // the results are read at once, and the accept is only watched for a refusal. A call
+        // without parameters still ends its (empty) parameter stream: a 0.29 server waits for
+        // that before it runs the function.
+        let (state, watch_accept) = if params.is_empty() && !inline_empty {
             (OutState::Done, Some(accept))
         } else {
             let buffer = BytesMut::from(params);

@@ -214,6 +214,14 @@ struct Counts {
     misordered: AtomicU64,
 }
 
+impl Counts {
+    /// Counts an echo that failed (`hung == false`) or took longer than [`HUNG_AFTER`].
+    fn lost(&self, hung: bool) {
+        let counter = if hung { &self.hung } else { &self.failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// One stream session: a sender paced by `pace`, and a receiver that checks order and timing.
 async fn stream_session(
     mut tx: Tx,
@@ -276,6 +284,7 @@ async fn stream_session(
         let mut hist = histogram();
         while let Some((seq, at)) = sent_rx.recv().await {
             match tokio::time::timeout(HUNG_AFTER, rx.next()).await {
+                // `Err`: hung; `Ok(Err)`: failed.
                 Ok(Ok(got)) => {
                     let _ = hist.record(at.elapsed().as_micros() as u64);
                     if got != seq {
@@ -284,12 +293,8 @@ async fn stream_session(
                     counts.done.fetch_add(1, Ordering::Relaxed);
                     permits.add_permits(1);
                 }
-                Ok(Err(_)) => {
-                    counts.failed.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-                Err(_) => {
-                    counts.hung.fetch_add(1, Ordering::Relaxed);
+                lost => {
+                    counts.lost(lost.is_err());
                     break;
                 }
             }
@@ -357,12 +362,8 @@ async fn call_session(
                         let _ = hist.record(t.elapsed().as_micros() as u64);
                         counts.done.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(Err(_)) => {
-                        counts.failed.fetch_add(1, Ordering::Relaxed);
-                        break;
-                    }
-                    Err(_) => {
-                        counts.hung.fetch_add(1, Ordering::Relaxed);
+                    lost => {
+                        counts.lost(lost.is_err());
                         break;
                     }
                 }

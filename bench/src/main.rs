@@ -150,23 +150,11 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     v.get(v.len() / 2).copied()
 }
 
-/// Medians and sums over rounds.
-#[derive(Default)]
-struct Summary {
-    rate: f64,
-    p50: f64,
-    p99: f64,
-    p999: f64,
-    cpu: [Option<f64>; 4],
-    hung: u64,
-    failed: u64,
-    misordered: u64,
-}
-
-fn summarize(f: &[Figures]) -> Summary {
+/// Medians (rates, latencies, CPU) and sums (counts) over rounds.
+fn summarize(f: &[Figures]) -> Figures {
     let m = |g: fn(&Figures) -> f64| median(f.iter().map(g).collect()).unwrap_or(0.0);
     let cpu = |i: usize| median(f.iter().filter_map(|x| x.cpu[i]).collect());
-    Summary {
+    Figures {
         rate: m(|x| x.rate),
         p50: m(|x| x.p50),
         p99: m(|x| x.p99),
@@ -447,7 +435,7 @@ async fn main() -> Result<()> {
     println!("\n| target | scenario | msg/s | p50 us | p99 us | p99.9 us | CPU us/msg: server | stand-in | nats-server | load gen | hung | failed | misordered |");
     println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
-    let mut summary: BTreeMap<(usize, usize), Summary> = BTreeMap::new();
+    let mut summary: BTreeMap<(usize, usize), Figures> = BTreeMap::new();
     for ((t, s), figures) in &results {
         let sum = summarize(figures);
         println!(
