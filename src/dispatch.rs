@@ -12,7 +12,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::wrpc::ComponentClient;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::{debug, info_span, warn, Instrument as _};
@@ -25,6 +24,7 @@ use crate::config::Format;
 use crate::envelope;
 use crate::sessions::Session;
 use crate::stats::Stats;
+use crate::wrpc::ComponentClient;
 use crate::ws::socket::FrameSink;
 
 /// Messages that may wait for `handle-message` on one session before the reader pauses.
@@ -88,9 +88,8 @@ impl Inbound {
             reply_to,
         })
     }
-}
 
-impl Inbound {
+    /// The `mode` attribute of this session's metrics.
     fn mode(&self) -> &'static str {
         if self.session.request.is_some() {
             crate::stats::SERVER
