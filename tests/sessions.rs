@@ -491,3 +491,69 @@ async fn a_hundred_concurrent_requests_resolve_independently_and_silence_times_o
     responder.abort();
     env.stop().await
 }
+
+/// The provider's own client for calls into components (`src/wrpc.rs`), against a real
+/// provider and a real nats-server: a call without parameters, a call with them, and a call to a
+/// component nobody serves, which fails at once (NATS "no responders") instead of hanging.
+#[tokio::test(flavor = "multi_thread")]
+async fn race_free_client_calls_with_and_without_parameters_and_fails_fast_without_a_server(
+) -> Result<()> {
+    use client::wasmcloud::messaging::consumer;
+    use client::wasmcloud::messaging::types::BrokerMessage;
+    use client::wasmcloud_websocket::provider::sessions;
+    use wasmcloud_provider_messaging_websocket::wrpc::Invoker;
+
+    let env = Env::start().await?;
+    let invoker = Invoker::new(env.client.clone(), LATTICE, "caller").await?;
+    let provider = invoker.component(PROVIDER_ID);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("link-name", "default");
+    let bound = Duration::from_secs(10);
+
+    // No parameter bytes at all: the end of the parameter stream is still sent.
+    let listed = tokio::time::timeout(
+        bound,
+        sessions::list_sessions(&provider, Some(headers.clone())),
+    )
+    .await
+    .context("list-sessions hung")??;
+    assert_eq!(
+        listed.map(|l| l.len()),
+        Ok(0),
+        "the caller owns no sessions"
+    );
+
+    // Parameters that fit in the first message: the provider's answer (this caller has no
+    // connection to publish on).
+    let msg = BrokerMessage {
+        subject: "nowhere.at.all".into(),
+        body: "x".into(),
+        reply_to: None,
+    };
+    let published = tokio::time::timeout(
+        bound,
+        consumer::publish(&provider, Some(headers.clone()), &msg),
+    )
+    .await
+    .context("publish hung")??;
+    let error = published.expect_err("a caller with no connection is refused");
+    ensure!(error.contains("no WebSocket connection"), "{error}");
+
+    // Nobody serves this component: the call fails in well under the bound.
+    let nobody = invoker.component("nobody-runs-this");
+    let started = Instant::now();
+    let result = tokio::time::timeout(bound, consumer::publish(&nobody, None, &msg))
+        .await
+        .context("a call to a missing component hung")?;
+    let error = format!("{:#}", result.expect_err("no one answers"));
+    ensure!(error.contains("no responders"), "{error}");
+    ensure!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // Every finished call is unregistered.
+    assert_eq!(invoker.open_calls(), 0);
+    env.stop().await
+}
