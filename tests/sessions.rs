@@ -539,6 +539,18 @@ async fn race_free_client_calls_with_and_without_parameters_and_fails_fast_witho
     let error = published.expect_err("a caller with no connection is refused");
     ensure!(error.contains("no WebSocket connection"), "{error}");
 
+    // Parameters larger than one NATS message (1 MiB): the rest follows the accept.
+    let big = BrokerMessage {
+        subject: "nowhere.at.all".into(),
+        body: vec![b'x'; 1_500_000].into(),
+        reply_to: None,
+    };
+    let published = tokio::time::timeout(bound, consumer::publish(&provider, Some(headers), &big))
+        .await
+        .context("publish of 1.5 MB hung")??;
+    let error = published.expect_err("a caller with no connection is refused");
+    ensure!(error.contains("no WebSocket connection"), "{error}");
+
     // Nobody serves this component: the call fails in well under the bound.
     let nobody = invoker.component("nobody-runs-this");
     let started = Instant::now();
