@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::wrpc::ComponentClient;
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument as _;
 
 use crate::config::LinkSettings;
 use crate::dispatch;
@@ -62,8 +63,12 @@ impl Connection {
         };
         // Delivery ends by itself once the socket task (which owns the sink) has ended.
         let inbound = dispatch::start(Arc::clone(&session), wrpc, settings.handler_timeout, stats);
-        let task =
-            OwnedTask::spawn(|cancel| client::run(options, inbound, out_rx, state_tx, cancel));
+        // Everything the socket task logs names its session, component and link.
+        let span = tracing::info_span!("session", id = %session.id, component = component_id,
+            link = link_name, mode = "client");
+        let task = OwnedTask::spawn(|cancel| {
+            client::run(options, inbound, out_rx, state_tx, cancel).instrument(span)
+        });
         Arc::new(Self {
             session,
             registry,

@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use crate::wrpc::ComponentClient;
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument as _;
 
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
 use crate::config::LinkSettings;
@@ -66,7 +67,14 @@ impl Listener {
             registry,
             stats,
         });
-        let task = OwnedTask::spawn(|cancel| server.run(acceptor, cancel));
+        // Everything the listener and its connections log names the component and link.
+        let span = tracing::info_span!(
+            "listener",
+            component = component_id,
+            link = link_name,
+            mode = "server"
+        );
+        let task = OwnedTask::spawn(|cancel| server.run(acceptor, cancel).instrument(span));
         Ok(Arc::new(Self { address, task }))
     }
 

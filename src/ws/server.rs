@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument as _};
 
 use super::socket::{self, Closed, End, FrameSink, Keepalive, Outbound};
 use crate::config::{Secret, ServerSettings};
@@ -142,15 +142,20 @@ impl Server {
                 },
             };
             let _ = stream.set_nodelay(true);
-            tracker.spawn(connection(
-                stream,
-                addr,
-                Arc::clone(&self.options),
-                self.tls.clone(),
-                Arc::clone(&acceptor),
-                cancel.child_token(),
-                Arc::clone(&active),
-            ));
+            // Everything a connection logs names its peer (and the listener's span, its link).
+            let span = tracing::info_span!("connection", peer = %addr);
+            tracker.spawn(
+                connection(
+                    stream,
+                    addr,
+                    Arc::clone(&self.options),
+                    self.tls.clone(),
+                    Arc::clone(&acceptor),
+                    cancel.child_token(),
+                    Arc::clone(&active),
+                )
+                .instrument(span),
+            );
         }
         drop(self.listener);
         tracker.close();
