@@ -13,10 +13,7 @@
 //! 1. the parameters go to `<lattice>.<component>.wrpc.0.0.1.<instance>.<function>` with the
 //!    reply subject `<inbox>.<n>` (what does not fit in one NATS message waits for step 3);
 //! 2. the component's host accepts on `<inbox>.<n>`, naming its own subject `S` as reply;
-//! 3. the rest of the parameters, then an empty end-of-stream message, go to `S.params` (when
-//!    all of them fit in step 1 there is no rest, and nothing is sent: the parameters are
-//!    complete, and the server reads no further; a call with no parameter bytes at all still
-//!    sends the end-of-stream, which the server waits for);
+//! 3. the rest of the parameters, then an empty end-of-stream message, go to `S.params`;
 //! 4. the results arrive on `<inbox>.<n>.results`, ended by an empty message.
 //!
 //! A host that does not serve the component answers step 1 with NATS "no responders", which
@@ -265,7 +262,6 @@ impl wrpc_transport::Invoke for ComponentClient {
             .saturating_sub(reply.len())
             .saturating_sub(headers_len(&headers));
         let inline = params.split_to(max_payload.min(params.len()));
-        let inline_empty = inline.is_empty();
         inner
             .nats
             .publish_with_reply_and_headers(
@@ -276,15 +272,11 @@ impl wrpc_transport::Invoke for ComponentClient {
             )
             .await
             .context("failed to publish the call")?;
-        // With every parameter in the first message there is nothing to send after the accept:
-        // the results are read at once, and the accept is only watched for a refusal. A call
-        // without parameters still ends its (empty) parameter stream: a 0.29 server waits for
-        // that before it runs the function.
-        let (state, watch_accept) = if params.is_empty() && !inline_empty {
-            (OutState::Done, Some(accept))
-        } else {
-            let buffer = BytesMut::from(params);
-            (OutState::Handshaking { accept, buffer }, None)
+        // Like the upstream client: after the accept, the rest of the parameters (if any)
+        // and the end of the parameter stream, which a 0.29 server may wait for.
+        let state = OutState::Handshaking {
+            accept,
+            buffer: BytesMut::from(params),
         };
         Ok((
             Outgoing {
@@ -293,7 +285,6 @@ impl wrpc_transport::Invoke for ComponentClient {
                 _call: Arc::clone(&registration),
             },
             Incoming {
-                accept: watch_accept,
                 results,
                 buffer: Bytes::new(),
                 _call: registration,
@@ -411,8 +402,6 @@ impl wrpc_transport::Index<Outgoing> for Outgoing {
 
 /// The result stream of a call.
 pub struct Incoming {
-    /// The accept, when no one else waits for it: a refusal (no responders) fails the read.
-    accept: Option<mpsc::UnboundedReceiver<Message>>,
     results: mpsc::UnboundedReceiver<Message>,
     buffer: Bytes,
     _call: Arc<Registration>,
@@ -427,16 +416,6 @@ impl AsyncRead for Incoming {
         let this = self.get_mut();
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
-        }
-        if let Some(accept) = this.accept.as_mut() {
-            match accept.poll_recv(cx) {
-                Poll::Ready(Some(message)) => {
-                    accepted(message)?;
-                    this.accept = None;
-                }
-                Poll::Ready(None) => this.accept = None,
-                Poll::Pending => {}
-            }
         }
         if this.buffer.is_empty() {
             match ready!(this.results.poll_recv(cx)) {
