@@ -30,27 +30,46 @@ fn manifest(path: &str, replacements: &[(&str, String)]) -> Result<String> {
 
 const PROVIDER_IMAGE: &str = "file://../../build/messaging-websocket-provider.par.gz";
 
-#[tokio::test(flavor = "multi_thread")]
-async fn echo_example_deploys_through_wadm_and_echoes() -> Result<()> {
+/// A deployed example: NATS, the host and wadm, and the provider archive the host started.
+struct Deployed {
+    dev: DevLattice,
+    _nats: common::Nats,
+    _par_dir: tempfile::TempDir,
+}
+
+/// Starts NATS, a host and wadm; points `examples/<example>/wadm.yaml` at this build (the
+/// component `wasm` and a fresh provider archive) and at `extra`; deploys it through wadm and
+/// waits until wadm reports it deployed.
+async fn deploy_example(example: &str, wasm: &str, extra: &[(&str, String)]) -> Result<Deployed> {
     let nats = common::Nats::start().await?;
     let dev = DevLattice::start(&nats.url).await?;
     let client = async_nats::connect(&nats.url).await?;
-    let tmp = tempfile::tempdir()?;
-    let par = common::provider_par(tmp.path()).await?;
-    let mut server = Server::start().await?;
-    let text = manifest(
-        "examples/echo/wadm.yaml",
-        &[
-            (
-                "file://./target/wasm32-wasip2/release/ws_echo.wasm",
-                format!("file://{}", common::component("ws_echo")?.display()),
-            ),
-            (PROVIDER_IMAGE, format!("file://{}", par.display())),
-            ("ws://127.0.0.1:8080/", server.uri()),
-        ],
-    )?;
+    let par_dir = tempfile::tempdir()?;
+    let par = common::provider_par(par_dir.path()).await?;
+    let image = format!("file://./target/wasm32-wasip2/release/{wasm}.wasm");
+    let mut replacements = vec![
+        (
+            image.as_str(),
+            format!("file://{}", common::component(wasm)?.display()),
+        ),
+        (PROVIDER_IMAGE, format!("file://{}", par.display())),
+    ];
+    replacements.extend(extra.iter().cloned());
+    let text = manifest(&format!("examples/{example}/wadm.yaml"), &replacements)?;
     let name = deploy(&client, &text).await?;
     wait_deployed(&client, &name, Duration::from_secs(60)).await?;
+    Ok(Deployed {
+        dev,
+        _nats: nats,
+        _par_dir: par_dir,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn echo_example_deploys_through_wadm_and_echoes() -> Result<()> {
+    let mut server = Server::start().await?;
+    let deployed =
+        deploy_example("echo", "ws_echo", &[("ws://127.0.0.1:8080/", server.uri())]).await?;
 
     // The provider connects to our server for the echo component; what we send comes back.
     let mut peer = server.accept().await?;
@@ -58,33 +77,16 @@ async fn echo_example_deploys_through_wadm_and_echoes() -> Result<()> {
         peer.send_text(text).await?;
         assert_eq!(peer.recv_text().await?, format!("echo: {text}"));
     }
-    dev.stop().await
+    deployed.dev.stop().await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn chat_example_deploys_through_wadm_and_clients_chat() -> Result<()> {
-    let nats = common::Nats::start().await?;
-    let dev = DevLattice::start(&nats.url).await?;
-    let client = async_nats::connect(&nats.url).await?;
-    let tmp = tempfile::tempdir()?;
-    let par = common::provider_par(tmp.path()).await?;
     let address = format!("127.0.0.1:{}", common::free_port()?);
-    let text = manifest(
-        "examples/chat/wadm.yaml",
-        &[
-            (
-                "file://./target/wasm32-wasip2/release/ws_chat.wasm",
-                format!("file://{}", common::component("ws_chat")?.display()),
-            ),
-            (PROVIDER_IMAGE, format!("file://{}", par.display())),
-            ("127.0.0.1:8090", address.clone()),
-        ],
-    )?;
-    let name = deploy(&client, &text).await?;
-    wait_deployed(&client, &name, Duration::from_secs(60)).await?;
+    let deployed =
+        deploy_example("chat", "ws_chat", &[("127.0.0.1:8090", address.clone())]).await?;
     let url = format!("ws://{address}/chat");
     common::wait_listening(&url).await?;
-
     // Two people join the room: each is welcomed, and the first sees the second arrive.
     let mut ann = connect(&url, &[]).await?;
     let welcome = ann.recv_text().await?;
@@ -120,5 +122,5 @@ async fn chat_example_deploys_through_wadm_and_clients_chat() -> Result<()> {
     // Bob leaves; the room hears of it.
     drop(bob);
     assert_eq!(ann.recv_text().await?, format!("* {bob_was} left"));
-    dev.stop().await
+    deployed.dev.stop().await
 }

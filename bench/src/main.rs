@@ -354,27 +354,18 @@ async fn main() -> Result<()> {
                 until: Instant::now() + Duration::from_secs(3600),
             })
             .await?;
-            let deadline = until();
-            let thr = measure(target, *pids, &sources, n, 64, || Pace::Closed {
-                window: 1,
-                count: None,
-                until: deadline,
-            })
-            .await?;
-            let deadline = until();
-            let thr_1k = measure(target, *pids, &sources, n, 1024, || Pace::Closed {
-                window: 1,
-                count: None,
-                until: deadline,
-            })
-            .await?;
-            let deadline = until();
-            let pipe = measure(target, *pids, &sources, 10, 64, || Pace::Closed {
-                window: 32,
-                count: None,
-                until: deadline,
-            })
-            .await?;
+            // Closed loop with `window` in flight, for the run's duration from now.
+            let closed = |window: usize| {
+                let until = until();
+                move || Pace::Closed {
+                    window,
+                    count: None,
+                    until,
+                }
+            };
+            let thr = measure(target, *pids, &sources, n, 64, closed(1)).await?;
+            let thr_1k = measure(target, *pids, &sources, n, 1024, closed(1)).await?;
+            let pipe = measure(target, *pids, &sources, 10, 64, closed(32)).await?;
             let stream = matches!(target, Target::Tcp(_) | Target::Ws(_));
             let open = if stream && thr.rate > 0.0 {
                 // Half the measured maximum, spread evenly over the sessions.
