@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use tracing::{debug, info_span, warn, Instrument as _};
+use tracing::{debug, debug_span, warn, Instrument as _};
 
 use tokio_tungstenite::tungstenite::Message;
 
@@ -186,7 +186,7 @@ async fn deliver(
             return;
         };
         let session = &session;
-        let span = info_span!("handle_message", session = %session.id,
+        let span = debug_span!("handle_message", session = %session.id,
             component = %session.component_id, subject = %message.subject);
         let headers = trace_headers(&span);
         // Boxed: the call's state is large, and an idle session should not carry it.

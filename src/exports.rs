@@ -162,7 +162,7 @@ impl WsProvider {
 }
 
 impl consumer::Handler<Option<Context>> for WsProvider {
-    #[instrument(level = "info", skip_all, fields(subject = %msg.subject))]
+    #[instrument(level = "debug", skip_all, fields(subject = %msg.subject))]
     async fn publish(
         &self,
         cx: Option<Context>,
@@ -175,7 +175,7 @@ impl consumer::Handler<Option<Context>> for WsProvider {
         Ok(result)
     }
 
-    #[instrument(level = "info", skip_all, fields(subject = %subject))]
+    #[instrument(level = "debug", skip_all, fields(subject = %subject))]
     async fn request(
         &self,
         cx: Option<Context>,

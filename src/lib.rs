@@ -5,7 +5,8 @@
 //! - [`sessions`]: the session registry, the only shared state;
 //! - [`dispatch`]: inbound frames to a component's `handle-message`;
 //! - [`provider`] and [`exports`]: the wasmCloud glue (links, health, shutdown, wRPC exports);
-//! - [`wrpc`]: the client for calls into components (`handle-message`);
+//! - [`wrpc`]: wRPC over NATS both ways: calls into components (`handle-message`) and the
+//!   server for the provider's own exports;
 //! - [`config`]: typed, case-insensitive link configuration.
 
 pub mod config;
@@ -70,7 +71,7 @@ fn export_interval_from_config() -> Option<String> {
 /// Runs the provider until the host shuts it down.
 pub async fn run() -> anyhow::Result<()> {
     use anyhow::Context as _;
-    use wasmcloud_provider_sdk::{get_connection, run_provider, serve_provider_exports};
+    use wasmcloud_provider_sdk::{get_connection, run_provider};
 
     // wss:// uses rustls with ring; installing twice is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -88,11 +89,18 @@ pub async fn run() -> anyhow::Result<()> {
         .await
         .context("failed to run provider")?;
     let connection = get_connection();
-    let wrpc = connection
-        .get_wrpc_client(connection.provider_key())
+    // The exports are served on the SDK's lattice connection by our own server (`wrpc`), which
+    // cannot lose a caller's parameters the way wrpc-transport-nats 0.29 can.
+    let server = wrpc::Server::new(
+        (*connection.nats).clone(),
+        &connection.lattice,
+        connection.provider_key(),
+    )
+    .await
+    .context("failed to start serving exports")?;
+    let invocations = bindings::serve(&server, provider)
         .await
-        .context("failed to create the wRPC client for exports")?;
-    serve_provider_exports(&wrpc, provider, shutdown, bindings::serve)
-        .await
-        .context("failed to serve exports")
+        .context("failed to serve exports")?;
+    wrpc::serve_exports(invocations, shutdown).await;
+    Ok(())
 }

@@ -175,21 +175,17 @@ impl WsProvider {
         defaults.link_settings(link.config, &secret_strings(link.secrets))
     }
 
-    /// A client for calls into `component`, over the provider's own lattice connection.
+    /// A client for calls into `component`, on the SDK's lattice connection (one connection
+    /// carries the provider's calls and its exports, so their messages share system calls).
     async fn wrpc_for(&self, component: &str) -> anyhow::Result<ComponentClient> {
         let invoker = self
             .inner
             .invoker
             .get_or_try_init(|| async {
                 let host = load_host_data().context("no host data")?;
-                Invoker::connect(
-                    &host.lattice_rpc_url,
-                    &host.lattice_rpc_user_jwt,
-                    &host.lattice_rpc_user_seed,
-                    &host.lattice_rpc_prefix,
-                    &host.provider_key,
-                )
-                .await
+                // Set by `run_provider` before it hands the provider any link.
+                let nats = (*wasmcloud_provider_sdk::get_connection().nats).clone();
+                Invoker::new(nats, &host.lattice_rpc_prefix, &host.provider_key).await
             })
             .await?;
         Ok(invoker.component(component))

@@ -67,6 +67,10 @@ impl Nats {
         Ok(child)
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Kills the server and starts it again on the same port with the same store.
     pub async fn restart(&mut self, down_for: Duration) -> Result<()> {
         let _ = self.child.kill().await;
@@ -451,7 +455,18 @@ impl Env {
     /// Starts the test component `id` with the session API and a server-mode handler link named
     /// `link` listening on a free port; returns the `ws://` base URL.
     pub async fn serve(&self, id: &str, link: &str, extra: &[(&str, &str)]) -> Result<String> {
-        self.component("test_echo", id).await?;
+        self.serve_scaled(id, link, extra, 4).await
+    }
+
+    /// [`Env::serve`] with up to `instances` instances of the component at once.
+    pub async fn serve_scaled(
+        &self,
+        id: &str,
+        link: &str,
+        extra: &[(&str, &str)],
+        instances: u32,
+    ) -> Result<String> {
+        self.component_scaled("test_echo", id, instances).await?;
         self.link_consumer(id, "default", &[]).await?;
         self.link_sessions(id).await?;
         let address = format!("127.0.0.1:{}", free_port()?);

@@ -1,0 +1,293 @@
+//! wRPC 0.0.1 over NATS, both ways, without wrpc-transport-nats 0.29's lost replies.
+//!
+//! The SDK's transport (`wrpc-transport-nats` 0.29) routes every reply through one demux task
+//! that learns about each new call through a channel; its unbiased `select!` can take a reply
+//! off the wire before the call's registration and drop it, and the call then hangs (fixed
+//! upstream only in 0.31, which the SDK cannot use). Here each call is registered in a shared
+//! map *before* anything that could be answered is published, so every reply finds its call:
+//! - [`client`]: calls from the provider into components (`handle-message`);
+//! - [`server`]: the provider's own exports (`consumer`, the session API), served in place of
+//!   the SDK's `serve_provider_exports`, on the SDK's lattice connection.
+//!
+//! Only what these interfaces need is spoken: parameters and results without nested async
+//! streams (a function with one is refused when it is served or called).
+//!
+//! The protocol, for a call of `<instance>.<function>` on `<lattice>.<id>`:
+//! 1. the caller publishes the parameters to `<lattice>.<id>.wrpc.0.0.1.<instance>.<function>`
+//!    with reply subject `R` (what does not fit in one NATS message waits for step 3);
+//! 2. the callee accepts by publishing an empty message to `R` with its own reply subject `S`;
+//! 3. the caller sends the rest of the parameters, then an empty end-of-stream message, to
+//!    `S.params`;
+//! 4. the callee sends the results to `R.results`, then an empty end-of-stream message.
+
+mod client;
+mod server;
+
+pub use client::{ComponentClient, Invoker, Outgoing};
+pub use server::{serve_exports, Invocations, Server};
+/// The invocation context the server hands to export handlers (the SDK's).
+pub use wasmcloud_provider_sdk::Context as InvocationContext;
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+
+use anyhow::Context as _;
+use async_nats::{Message, PublishMessage, Subject};
+use bytes::{Buf as _, Bytes, BytesMut};
+use futures::channel::mpsc;
+use futures::{Sink as _, StreamExt as _};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
+use tracing::debug;
+
+use crate::task::OwnedTask;
+
+/// Where the demux task puts the messages of one open call.
+struct Route {
+    /// `<inbox>.<n>`: the callee's accept (client side).
+    accept: Option<oneshot::Sender<Message>>,
+    /// `<inbox>.<n>.results` (client side) or `<inbox>.<n>.params` (server side).
+    stream: mpsc::UnboundedSender<Message>,
+}
+
+type Routes = Arc<Mutex<HashMap<u64, Route>>>;
+
+fn lock(routes: &Routes) -> std::sync::MutexGuard<'_, HashMap<u64, Route>> {
+    // The map stays consistent across a panic elsewhere; never poison every later call.
+    routes.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One reply inbox on a NATS connection, and the open calls it routes to.
+struct Mux {
+    nats: async_nats::Client,
+    inbox: String,
+    next: AtomicU64,
+    routes: Routes,
+    _demux: OwnedTask,
+}
+
+impl Mux {
+    async fn new(nats: async_nats::Client) -> anyhow::Result<Arc<Self>> {
+        let inbox = nats.new_inbox();
+        let replies = nats
+            .subscribe(format!("{inbox}.>"))
+            .await
+            .context("failed to subscribe to the reply inbox")?;
+        let routes = Routes::default();
+        let demux = OwnedTask::spawn({
+            let routes = Arc::clone(&routes);
+            let prefix = format!("{inbox}.");
+            |cancel| async move {
+                let mut replies = replies;
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        message = replies.next() => match message {
+                            Some(message) => route(&routes, &prefix, message),
+                            None => return,
+                        },
+                    }
+                }
+            }
+        });
+        Ok(Arc::new(Self {
+            nats,
+            inbox,
+            next: AtomicU64::new(0),
+            routes,
+            _demux: demux,
+        }))
+    }
+
+    /// Registers a new call; its replies are routed from now on, until the returned
+    /// [`Registration`] (and every clone of it) is dropped.
+    fn register(&self) -> (Arc<Registration>, oneshot::Receiver<Message>, Stream) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (accept_tx, accept) = oneshot::channel();
+        let (stream_tx, stream) = mpsc::unbounded();
+        lock(&self.routes).insert(
+            id,
+            Route {
+                accept: Some(accept_tx),
+                stream: stream_tx,
+            },
+        );
+        let registration = Arc::new(Registration {
+            id,
+            subject: Subject::from(format!("{}.{id}", self.inbox)),
+            routes: Arc::clone(&self.routes),
+        });
+        (registration, accept, stream)
+    }
+
+    fn open_calls(&self) -> usize {
+        lock(&self.routes).len()
+    }
+}
+
+type Stream = mpsc::UnboundedReceiver<Message>;
+
+/// Hands one message to its call: `<inbox>.<n>` is an accept, `<inbox>.<n>.<stream>` a part
+/// of the call's incoming stream.
+fn route(routes: &Routes, prefix: &str, message: Message) {
+    let Some(rest) = message.subject.as_str().strip_prefix(prefix) else {
+        return;
+    };
+    let (id, stream) = match rest.split_once('.') {
+        None => (rest, false),
+        Some((id, "results" | "params")) => (id, true),
+        Some(_) => {
+            debug!(subject = %message.subject, "message on an unknown subject; dropped");
+            return;
+        }
+    };
+    let Ok(id) = id.parse::<u64>() else {
+        return;
+    };
+    let mut routes = lock(routes);
+    let Some(route) = routes.get_mut(&id) else {
+        // Normal for an end-of-stream that arrives after its reader finished.
+        debug!(call = id, "message for a call that has ended; dropped");
+        return;
+    };
+    if stream {
+        let _ = route.stream.unbounded_send(message);
+    } else if let Some(accept) = route.accept.take() {
+        let _ = accept.send(message);
+    }
+}
+
+/// Removes a call's route once every holder has dropped it.
+struct Registration {
+    id: u64,
+    /// `<inbox>.<n>`: the subject the other side answers on.
+    subject: Subject,
+    routes: Routes,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock(&self.routes).remove(&self.id);
+    }
+}
+
+/// An incoming byte stream: what came inline with the call (server side), then the messages
+/// routed to the call, up to an empty one (the end of the stream).
+pub struct Incoming {
+    buffer: Bytes,
+    stream: Stream,
+    _call: Arc<Registration>,
+}
+
+impl AsyncRead for Incoming {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        if this.buffer.is_empty() {
+            match ready!(this.stream.poll_next_unpin(cx)) {
+                // An empty message ends the stream; so does a closed channel.
+                Some(message) if !message.payload.is_empty() => this.buffer = message.payload,
+                _ => return Poll::Ready(Ok(())),
+            }
+        }
+        let n = this.buffer.len().min(buf.remaining());
+        buf.put_slice(&this.buffer[..n]);
+        this.buffer.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl wrpc_transport::Index<Incoming> for Incoming {
+    fn index(&self, _path: &[usize]) -> anyhow::Result<Incoming> {
+        anyhow::bail!("nested async streams are not supported")
+    }
+}
+
+/// An outgoing byte stream to one subject: written bytes are buffered, a flush publishes them
+/// in messages NATS accepts, and shutdown publishes the end of the stream.
+pub struct Writer {
+    nats: async_nats::Client,
+    subject: Subject,
+    buffer: BytesMut,
+    ended: bool,
+}
+
+impl Writer {
+    fn new(nats: async_nats::Client, subject: Subject, buffer: BytesMut) -> Self {
+        Self {
+            nats,
+            subject,
+            buffer,
+            ended: false,
+        }
+    }
+
+    /// Publishes one message (after waiting for room in the connection's queue).
+    fn poll_publish(
+        &mut self,
+        cx: &mut Context<'_>,
+        payload: impl FnOnce(&mut BytesMut) -> Bytes,
+    ) -> Poll<io::Result<()>> {
+        ready!(Pin::new(&mut self.nats).poll_ready(cx)).map_err(io::Error::other)?;
+        let message = PublishMessage {
+            subject: self.subject.clone(),
+            payload: payload(&mut self.buffer),
+            reply: None,
+            headers: None,
+        };
+        Pin::new(&mut self.nats)
+            .start_send(message)
+            .map_err(io::Error::other)?;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Writer {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        this.buffer.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let chunk = this.nats.server_info().max_payload.max(1);
+        while !this.buffer.is_empty() {
+            ready!(this.poll_publish(cx, |b| b.split_to(chunk.min(b.len())).freeze()))?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.as_mut().poll_flush(cx))?;
+        let this = self.get_mut();
+        if !this.ended {
+            ready!(this.poll_publish(cx, |_| Bytes::new()))?;
+            this.ended = true;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl wrpc_transport::Index<Writer> for Writer {
+    fn index(&self, _path: &[usize]) -> anyhow::Result<Writer> {
+        anyhow::bail!("nested async streams are not supported")
+    }
+}
