@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the benchmark suite on loopback and prints a table: baselines B0 (TCP echo), B1 (raw
-# WebSocket echo), B2 (NATS request/reply), and P (the provider with a native stand-in
-# component). `./scripts/bench.sh --quick` runs the short smoke version.
+# WebSocket echo), B2 (NATS request/reply), B3 (raw wRPC call), P (the provider with a native
+# stand-in component) and P-wasm (the provider under a real wasmCloud host with a wasm
+# component). `./scripts/bench.sh --quick` runs the short smoke version (no P-wasm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -9,4 +10,13 @@ cargo build --locked --release --bin messaging-websocket-provider
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 (cd bench && cargo build --locked --release)
 bench_target="${CARGO_TARGET_DIR:-$PWD/bench/target}"
-exec "$bench_target/release/ws-provider-bench" --provider "$target_dir/release/messaging-websocket-provider" "$@"
+extra=()
+case " $* " in
+  *" --quick "*) ;;
+  *)
+    # P-wasm's host, in release (the first build takes 15-20 minutes on 2 cores).
+    cargo build --locked --release --example pwasm
+    extra=(--pwasm "$target_dir/release/examples/pwasm")
+    ;;
+esac
+exec "$bench_target/release/ws-provider-bench" --provider "$target_dir/release/messaging-websocket-provider" "${extra[@]}" "$@"

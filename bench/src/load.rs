@@ -1,7 +1,7 @@
 //! The load generator: closed loop with a window of messages in flight per session, open loop at
 //! a fixed rate, and many idle sessions that receive fan-out.
 //!
-//! Every message carries its sequence number in its first 8 bytes; a session's echoes must come
+//! Every message carries its sequence number after a marker byte; a session's echoes must come
 //! back in order. Closed loop records each round trip from its send; open loop records it from
 //! the moment the schedule meant to send it, so a stall shows up in the percentiles instead of
 //! slowing the sender (no coordinated omission). Any echo that takes over 10 s counts as hung
@@ -132,14 +132,20 @@ pub async fn ws_connect(sources: &Sources, port: u16) -> Result<Ws> {
     Ok(ws)
 }
 
+/// The shortest message: a marker byte, then the sequence number.
+const HEADER: usize = 9;
+
+/// A message: `#` (so a component never mistakes it for a `!command`), the sequence number
+/// (8 bytes, little-endian), then filler up to `size`.
 fn frame(seq: u64, size: usize) -> Vec<u8> {
-    let mut f = vec![b'x'; size.max(8)];
-    f[..8].copy_from_slice(&seq.to_le_bytes());
+    let mut f = vec![b'x'; size.max(HEADER)];
+    f[0] = b'#';
+    f[1..HEADER].copy_from_slice(&seq.to_le_bytes());
     f
 }
 
 fn seq_of(payload: &[u8]) -> Option<u64> {
-    Some(u64::from_le_bytes(payload.get(..8)?.try_into().ok()?))
+    Some(u64::from_le_bytes(payload.get(1..HEADER)?.try_into().ok()?))
 }
 
 enum Tx {
@@ -196,7 +202,7 @@ async fn open_stream(target: &Target, sources: &Sources, size: usize) -> Result<
     Ok(match target {
         Target::Tcp(port) => {
             let (r, w) = sources.connect(*port).await?.into_split();
-            (Tx::Tcp(w), Rx::Tcp(r, vec![0; size.max(8)]))
+            (Tx::Tcp(w), Rx::Tcp(r, vec![0; size.max(HEADER)]))
         }
         Target::Ws(port) => {
             let (w, r) = ws_connect(sources, *port).await?.split();
@@ -412,7 +418,7 @@ pub async fn run(
                     Arc::clone(&counts),
                 )));
             }
-            return finish(tasks, started, counts).await;
+            finish(tasks, started, counts).await
         }
         Target::Nats(_) | Target::Wrpc(_) => {
             let window = match pace() {

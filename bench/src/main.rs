@@ -41,6 +41,8 @@ use load::{Pace, Sources, Target};
 
 struct Options {
     quick: bool,
+    /// `--focus`: only B1, B3 and P, only 1x1 and 100x1 64 B, no idle sessions (for hot-path work).
+    focus: bool,
     rounds: usize,
     duration: Duration,
     latency_samples: u64,
@@ -260,21 +262,36 @@ async fn main() -> Result<()> {
         return standin::serve(&url).await;
     }
     let quick = args.iter().any(|a| a == "--quick");
+    let focus = args.iter().any(|a| a == "--focus");
+    // `--only NAME[,NAME]`: only these targets (e.g. `--only P-wasm`).
+    let only = arg("--only");
     let provider_bin = arg("--provider")
         .context("--provider <path to messaging-websocket-provider> is required")?;
     let opts = if quick {
         Options {
             quick,
+            focus,
             rounds: 1,
             duration: Duration::from_secs(1),
             latency_samples: 300,
             sessions: 20,
             idle: 1000,
         }
+    } else if focus {
+        Options {
+            quick,
+            focus,
+            rounds: 1,
+            duration: Duration::from_secs(4),
+            latency_samples: 2000,
+            sessions: 100,
+            idle: 0,
+        }
     } else if let Some(idle) = arg("--idle").and_then(|n| n.parse().ok()) {
         // `--idle N`: one quick round with N idle sessions (for memory work).
         Options {
             quick,
+            focus,
             rounds: 1,
             duration: Duration::from_secs(1),
             latency_samples: 300,
@@ -284,6 +301,7 @@ async fn main() -> Result<()> {
     } else {
         Options {
             quick,
+            focus,
             rounds: 3,
             duration: Duration::from_secs(4),
             latency_samples: 2000,
@@ -319,13 +337,33 @@ async fn main() -> Result<()> {
         nats: nats_pid,
         me,
     };
-    let targets: Vec<(&str, Target, Pids)> = vec![
+    let mut targets: Vec<(&str, Target, Pids)> = vec![
         ("B0 tcp", Target::Tcp(tcp_port), pids(tcp_server.id())),
         ("B1 ws", Target::Ws(ws_port), pids(ws_server.id())),
         ("B2 nats", Target::Nats(nats.url.clone()), pids(standin_pid)),
         ("B3 wrpc", Target::Wrpc(nats.url.clone()), pids(standin_pid)),
         ("P provider", Target::Ws(provider_port), pids(provider.id())),
     ];
+    // P-wasm: the real host and a wasm component, when its binary is given (not in --quick:
+    // the host's release build takes many minutes). Its "stand-in" column is the host process.
+    let wasm_host = match arg("--pwasm") {
+        Some(path) if !quick => {
+            eprintln!("starting the wasm host (P-wasm)");
+            let host = procs::WasmHost::start(&path).await?;
+            targets.push((
+                "P-wasm",
+                Target::Ws(host.port),
+                Pids {
+                    server: Some(host.provider),
+                    standin: host.child.id(),
+                    nats: Some(host.nats),
+                    me,
+                },
+            ));
+            Some(host)
+        }
+        _ => None,
+    };
     let n = opts.sessions;
     let scenarios = [
         "1x1 64B".to_string(),
@@ -345,15 +383,56 @@ async fn main() -> Result<()> {
         order.rotate_left(round % targets.len());
         for &t in &order {
             let (name, target, pids) = &targets[t];
+            if opts.focus && !matches!(*name, "B1 ws" | "B3 wrpc" | "P provider" | "P-wasm") {
+                continue;
+            }
+            if only
+                .as_ref()
+                .is_some_and(|only| !only.split(',').any(|o| o == *name))
+            {
+                continue;
+            }
             eprintln!("  {name}");
             let until = || Instant::now() + opts.duration;
             let samples = opts.latency_samples;
+            // BENCH_SNIFF=1: print every NATS message (time, subject, size) for a few 1x1
+            // echoes through P, to see where one round trip spends its time.
+            let sniff = if *name == "P provider" && std::env::var_os("BENCH_SNIFF").is_some() {
+                let c = async_nats::connect(nats.url.as_str()).await?;
+                let mut sub = c.subscribe(">").await?;
+                c.flush().await?;
+                Some(tokio::spawn(async move {
+                    let t0 = Instant::now();
+                    let mut last = t0;
+                    let mut n = 0;
+                    while let Some(m) = sub.next().await {
+                        let now = Instant::now();
+                        n += 1;
+                        if (200..260).contains(&n) {
+                            eprintln!(
+                                "{:>8} us (+{:>5}) {} reply={:?} {} B",
+                                (now - t0).as_micros(),
+                                (now - last).as_micros(),
+                                m.subject,
+                                m.reply,
+                                m.payload.len()
+                            );
+                        }
+                        last = now;
+                    }
+                }))
+            } else {
+                None
+            };
             let lat = measure(target, *pids, &sources, 1, 64, || Pace::Closed {
                 window: 1,
                 count: Some(samples),
                 until: Instant::now() + Duration::from_secs(3600),
             })
             .await?;
+            if let Some(sniff) = sniff {
+                sniff.abort();
+            }
             // Closed loop with `window` in flight, for the run's duration from now.
             let closed = |window: usize| {
                 let until = until();
@@ -364,6 +443,11 @@ async fn main() -> Result<()> {
                 }
             };
             let thr = measure(target, *pids, &sources, n, 64, closed(1)).await?;
+            if opts.focus || *name == "P-wasm" {
+                results.entry((t, 0)).or_default().push(lat);
+                results.entry((t, 1)).or_default().push(thr);
+                continue;
+            }
             let thr_1k = measure(target, *pids, &sources, n, 1024, closed(1)).await?;
             let pipe = measure(target, *pids, &sources, 10, 64, closed(32)).await?;
             let stream = matches!(target, Target::Tcp(_) | Target::Ws(_));
@@ -394,6 +478,9 @@ async fn main() -> Result<()> {
     // Idle sessions and fan-out, on fresh server processes each round: memory freed by earlier
     // scenarios would otherwise be reused and hide the cost of a session.
     for round in 0..opts.rounds {
+        if opts.focus {
+            break;
+        }
         eprintln!("idle sessions, round {} of {}", round + 1, opts.rounds);
         let sources = Sources::new(100 + round as u8);
         let port = procs::free_port()?;
@@ -531,16 +618,20 @@ async fn main() -> Result<()> {
         (Some(b3), Some(b2)) => b3.p50 / b2.p50.max(1e-9),
         _ => 0.0,
     };
-    let p_hung: u64 = targets
-        .iter()
-        .position(|x| x.0 == "P provider")
-        .map(|i| {
-            (0..scenarios.len())
-                .filter_map(|s| summary.get(&(i, s)))
-                .map(|s| s.hung)
-                .sum()
-        })
-        .unwrap_or(0);
+    // Echoes that never came back (the load generator's bound), over all scenarios.
+    let hung_on = |name: &str| -> u64 {
+        targets
+            .iter()
+            .position(|x| x.0 == name)
+            .map(|i| {
+                (0..scenarios.len())
+                    .filter_map(|s| summary.get(&(i, s)))
+                    .map(|s| s.hung)
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    let p_hung = hung_on("P provider");
     let misordered: u64 = summary.values().map(|s| s.misordered).sum();
     println!(
         "\nratios (medians of {} round(s), {n}x1 64B unless noted):",
@@ -551,6 +642,13 @@ async fn main() -> Result<()> {
     println!("- provider CPU per message / B1 server's: {cpu_ratio:.2}");
     println!("- wRPC tax, B3/B2 p50 (1x1): {wrpc_tax:.2}");
     println!("- hung calls: load generator on P {p_hung}; stand-in's calls into the provider {standin_hung} (failed {standin_failed})");
+    if wasm_host.is_some() {
+        // The host's own wRPC client (wrpc-transport-nats 0.29) can lose a component's call.
+        println!(
+            "- hung echoes through the real host (P-wasm): {}",
+            hung_on("P-wasm")
+        );
+    }
 
     // Against the issue's targets.
     println!("\ntargets (issue 6):");
@@ -588,6 +686,13 @@ async fn main() -> Result<()> {
         .unwrap_or(0.0);
         println!("- {} idle sessions at <= 16 KiB each, growth after a burst <= 2 KiB: {kib:.1} / {growth:.1} KiB -> {}", opts.idle, check(kib <= 16.0 && growth <= 2.0));
     }
+    if let Some(w) = get("P-wasm", 0) {
+        println!(
+            "- P-wasm (real host, wasm component) 1x1 p50 <= 1 ms: {:.0} us -> {}",
+            w.p50,
+            check(w.p50 <= 1000.0)
+        );
+    }
     println!(
         "- fan-out to all at >= 75,000 deliveries/s: {fanout_all_rate:.0}/s -> {}",
         check(fanout_all_rate >= 75_000.0)
@@ -598,6 +703,9 @@ async fn main() -> Result<()> {
         check(p_hung + standin_hung == 0)
     );
 
+    if let Some(host) = wasm_host {
+        host.stop().await;
+    }
     drop((provider, tcp_server, ws_server, standin_proc, nats));
     if opts.quick {
         // The CI smoke fails only on gross regressions, by ratio or by lost/misordered messages,

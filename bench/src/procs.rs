@@ -94,3 +94,67 @@ pub fn spawn_self(args: &[&str]) -> Result<Child> {
         .kill_on_drop(true)
         .spawn()?)
 }
+
+/// Target P-wasm: the `pwasm` example (a real wasmCloud host with the provider and a wasm echo
+/// component) in its own process; it runs until its standard input closes ([`WasmHost::stop`]).
+pub struct WasmHost {
+    pub child: Child,
+    pub port: u16,
+    /// The provider process (started by the host), and the host's own `nats-server`.
+    pub provider: u32,
+    pub nats: u32,
+}
+
+impl WasmHost {
+    pub async fn start(example: &str) -> Result<Self> {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut child = Command::new(example)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("failed to start {example}"))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(300), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.strip_prefix("READY ") {
+                    return Ok::<_, anyhow::Error>(rest.to_string());
+                }
+            }
+            bail!("{example} ended before it was ready")
+        })
+        .await
+        .context("the wasm host was not ready in 300 s")??;
+        let mut words = ready.split_whitespace();
+        let (Some(url), Some(provider), Some(nats)) = (words.next(), words.next(), words.next())
+        else {
+            bail!("unexpected READY line: {ready}");
+        };
+        let port = url
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.trim_end_matches('/').parse().ok())
+            .with_context(|| format!("no port in {url}"))?;
+        Ok(Self {
+            child,
+            port,
+            provider: provider.parse()?,
+            nats: nats.parse()?,
+        })
+    }
+}
+
+impl WasmHost {
+    /// Closes the host's standard input and waits for it to stop its provider and its
+    /// `nats-server` (killing it after 20 s): killed at once, it would leave them running.
+    pub async fn stop(mut self) {
+        drop(self.child.stdin.take());
+        if tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}

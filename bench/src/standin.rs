@@ -8,8 +8,9 @@
 //! - NATS subject `bench.echo`: a plain request/reply responder (baseline B2);
 //! - NATS subject `bench.standin.stats`: its hung and failed call counts, as JSON.
 //!
-//! It calls the provider with the provider's own race-free client (`src/wrpc.rs`), so that P
-//! measures the provider, not wrpc-transport-nats 0.29's lost replies in the caller.
+//! It calls the provider with the provider's own race-free client and serves `handle-message`
+//! with the provider's own server (`src/wrpc/`), so that P measures the provider, not
+//! wrpc-transport-nats 0.29's lost replies in the caller.
 
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +21,9 @@ use anyhow::{Context as _, Result};
 use base64::Engine as _;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
-use wasmcloud_provider_messaging_websocket::wrpc::{ComponentClient, Invoker};
+use wasmcloud_provider_messaging_websocket::wrpc::{
+    self, ComponentClient, InvocationContext as Context, Invoker, Server,
+};
 
 mod bindings {
     wit_bindgen_wrpc::generate!({ world: "standin", path: "wit", generate_all });
@@ -135,12 +138,10 @@ impl StandIn {
     }
 }
 
-impl bindings::exports::wasmcloud::messaging::handler::Handler<Option<async_nats::HeaderMap>>
-    for StandIn
-{
+impl bindings::exports::wasmcloud::messaging::handler::Handler<Option<Context>> for StandIn {
     async fn handle_message(
         &self,
-        _cx: Option<async_nats::HeaderMap>,
+        _cx: Option<Context>,
         msg: BrokerMessage,
     ) -> anyhow::Result<Result<(), String>> {
         let Some(reply_to) = msg.reply_to else {
@@ -164,12 +165,12 @@ impl bindings::exports::wasmcloud::messaging::handler::Handler<Option<async_nats
 #[derive(Clone)]
 struct Noop;
 
-impl bindings::exports::wasmcloud::messaging::handler::Handler<Option<async_nats::HeaderMap>>
+impl<C: Send + Sync + 'static> bindings::exports::wasmcloud::messaging::handler::Handler<C>
     for Noop
 {
     async fn handle_message(
         &self,
-        _cx: Option<async_nats::HeaderMap>,
+        _cx: C,
         _msg: BrokerMessage,
     ) -> anyhow::Result<Result<(), String>> {
         Ok(Ok(()))
@@ -177,23 +178,19 @@ impl bindings::exports::wasmcloud::messaging::handler::Handler<Option<async_nats
 }
 
 /// Serves every invocation of `server`'s exports on its own task.
-async fn serve_exports<H>(server: wrpc_transport_nats::Client, handler: H) -> Result<()>
+async fn serve_exports<S, H>(server: S, handler: H) -> Result<()>
 where
-    H: bindings::exports::wasmcloud::messaging::handler::Handler<Option<async_nats::HeaderMap>>
+    S: wrpc_transport::Serve + Send + 'static,
+    H: bindings::exports::wasmcloud::messaging::handler::Handler<S::Context>
         + Clone
         + Send
         + Sync
         + 'static,
 {
     let invocations = bindings::serve(&server, handler).await?;
-    let mut invocations = futures::stream::select_all(invocations.into_iter().map(|(_, _, s)| s));
     tokio::spawn(async move {
         let _server = server;
-        while let Some(invocation) = invocations.next().await {
-            if let Ok(fut) = invocation {
-                tokio::spawn(fut);
-            }
-        }
+        wrpc::serve_exports(invocations, std::future::pending()).await;
     });
     Ok(())
 }
@@ -214,7 +211,10 @@ pub async fn serve(nats_url: &str) -> Result<()> {
         hung: Arc::default(),
         failed: Arc::default(),
     };
-    serve_exports(server(STANDIN_ID).await?, standin.clone()).await?;
+    // The stand-in serves `handle-message` the way the provider serves its own exports (a
+    // native component has no host in between); B3 keeps the stock 0.29 server and client.
+    let own = Server::new(nats.clone(), LATTICE, STANDIN_ID).await?;
+    serve_exports(own, standin.clone()).await?;
     serve_exports(server(B3_ID).await?, Noop).await?;
 
     let mut echo = nats.subscribe("bench.echo").await?;
