@@ -175,8 +175,9 @@ struct IdleFigures {
     handshakes_per_sec: f64,
     kib_per_session: f64,
     growth_kib_per_session: Option<f64>,
-    /// (targets, delivered, seconds from the trigger to the last arrival)
-    fanout: Vec<(String, u64, f64)>,
+    /// (targets, delivered, seconds from the trigger to the last arrival, provider CPU
+    /// microseconds per delivery)
+    fanout: Vec<(String, u64, f64, Option<f64>)>,
 }
 
 /// Opens `n` idle sessions on `port`, samples the server's memory, and (for P) runs fan-out.
@@ -216,6 +217,7 @@ async fn idle_and_fanout(
         counts.push(("all".to_string(), n as u64));
         for (command, expect) in counts {
             let (seen_before, _) = idle.arrivals();
+            let cpu_before = procs::cpu_us(server);
             let (sent, answer) = trigger.command(&format!("!fanout {command}")).await?;
             // Wait for every expected arrival (or give up after 30 s and report what came).
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -229,10 +231,14 @@ async fn idle_and_fanout(
             let (seen, last) = idle.arrivals();
             let got = seen - seen_before;
             let secs = last.saturating_duration_since(sent).as_secs_f64();
+            let cpu = match (cpu_before, procs::cpu_us(server)) {
+                (Some(a), Some(b)) if got > 0 => Some((b - a) as f64 / got as f64),
+                _ => None,
+            };
             if !answer.starts_with("done") {
                 eprintln!("    fan-out {command}: {answer}");
             }
-            figures.fanout.push((command, got, secs));
+            figures.fanout.push((command, got, secs, cpu));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let after = procs::rss_anon_kib(server).context("no RSS")?;
@@ -551,16 +557,16 @@ async fn main() -> Result<()> {
             fmt(growth)
         );
     }
-    let fanouts: Vec<(String, u64, f64)> = idle_results
+    let fanouts: Vec<(String, u64, f64, Option<f64>)> = idle_results
         .get("P provider")
         .map(|r| r.iter().flat_map(|x| x.fanout.clone()).collect())
         .unwrap_or_default();
     println!(
-        "\n| fan-out (P, one component call) | delivered | ms to last arrival | deliveries/s |"
+        "\n| fan-out (P, one component call) | delivered | ms to last arrival | deliveries/s | provider CPU us/delivery |"
     );
-    println!("| --- | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
     let mut labels: Vec<String> = Vec::new();
-    for (label, _, _) in &fanouts {
+    for (label, ..) in &fanouts {
         if !labels.contains(label) {
             labels.push(label.clone());
         }
@@ -568,7 +574,8 @@ async fn main() -> Result<()> {
     let mut fanout_all_rate = 0.0;
     let mut fanout_missing = 0;
     for label in &labels {
-        let runs: Vec<&(String, u64, f64)> = fanouts.iter().filter(|f| &f.0 == label).collect();
+        let runs: Vec<_> = fanouts.iter().filter(|f| &f.0 == label).collect();
+        let cpu = median(runs.iter().filter_map(|f| f.3).collect());
         let secs = median(runs.iter().map(|f| f.2).collect()).unwrap_or(0.0);
         let delivered = runs.iter().map(|f| f.1).min().unwrap_or(0);
         let expected = if label == "all" {
@@ -582,9 +589,10 @@ async fn main() -> Result<()> {
             fanout_all_rate = rate;
         }
         println!(
-            "| {label} | {delivered} | {:.2} | {:.0} |",
+            "| {label} | {delivered} | {:.2} | {:.0} | {} |",
             secs * 1e3,
-            rate
+            rate,
+            fmt(cpu)
         );
     }
 
