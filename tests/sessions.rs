@@ -492,7 +492,7 @@ async fn a_hundred_concurrent_requests_resolve_independently_and_silence_times_o
     env.stop().await
 }
 
-/// The provider's own client for calls into components (`src/wrpc.rs`), against a real
+/// The provider's own client for calls into components (`src/wrpc/`), against a real
 /// provider and a real nats-server: a call without parameters, a call with them, and a call to a
 /// component nobody serves, which fails at once (NATS "no responders") instead of hanging.
 #[tokio::test(flavor = "multi_thread")]

@@ -7,7 +7,9 @@
 //! - B3: a raw wRPC `handle-message` call over NATS (stock wrpc-transport-nats 0.29 client, the
 //!   stand-in's no-op server);
 //! - P: the provider binary in server mode, started the way a host starts it, with a native
-//!   stand-in component (its own process) that publishes each body back to its session.
+//!   stand-in component (its own process) that publishes each body back to its session;
+//! - P-wasm (`--pwasm <examples/pwasm binary>`, not in `--quick`): the provider under a real
+//!   wasmCloud host with the real wasm echo component (1x1 and 100x1 only).
 //!
 //! Scenarios: 1 session x 1 in flight (latency floor); 100 x 1 at 64 B and 1 KiB (throughput,
 //! CPU per message); 10 x 32 (pipelining, order checked); open loop at 50% of the 100 x 1
@@ -16,7 +18,10 @@
 //! targets in a different order each time; tables show medians, counts are summed.
 //!
 //! Run: `./scripts/bench.sh` (full, a few minutes) or `./scripts/bench.sh --quick` (the CI smoke,
-//! which fails only on gross regressions, by ratio).
+//! which fails only on gross regressions, by ratio). For hot-path work: `--focus` (B1, B3, P
+//! and P-wasm at 1x1 and 100x1, one round), `--only NAME[,NAME]`, `--idle N`; `BENCH_SNIFF=1`
+//! prints the NATS messages of a few P echoes with their times; `BENCH_FANOUT_REPEAT=N` fans
+//! out to all N more times (to profile that path).
 
 mod load;
 mod procs;
@@ -215,6 +220,12 @@ async fn idle_and_fanout(
             .map(|k| (k.to_string(), k as u64))
             .collect();
         counts.push(("all".to_string(), n as u64));
+        // BENCH_FANOUT_REPEAT=N: fan out to all N more times (to profile the fan-out path).
+        let repeat = std::env::var("BENCH_FANOUT_REPEAT")
+            .ok()
+            .and_then(|r| r.parse::<usize>().ok())
+            .unwrap_or(0);
+        counts.extend(std::iter::repeat_n(("all".to_string(), n as u64), repeat));
         for (command, expect) in counts {
             let (seen_before, _) = idle.arrivals();
             let cpu_before = procs::cpu_us(server);
