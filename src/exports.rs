@@ -23,7 +23,7 @@ use crate::bindings::exports::wasmcloud_websocket::provider::sessions::{
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
 use crate::config::{Format, FrameType};
 use crate::provider::WsProvider;
-use crate::sessions::{Queued, Session};
+use crate::sessions::Session;
 
 /// Writes `msg` to one session, as its format and the frame type say.
 async fn send_to(
@@ -41,68 +41,19 @@ async fn send_to(
     session.send(frame).await
 }
 
-/// Writes `msg` to every session; one result per session, in order. Connected sessions get
-/// their frames queued in one pass (no future, timer or poll per session), then the writes
-/// are collected; a client session that is reconnecting is waited for as [`Session::send`]
-/// waits, alongside.
+/// Writes `msg` to every session concurrently; one result per session.
 async fn send_all(
     sessions: &[Arc<Session>],
     subject: &str,
     msg: &BrokerMessage,
     frame_type: Option<FrameType>,
 ) -> Vec<Result<(), String>> {
-    enum Step {
-        Queued(Queued),
-        Reconnecting,
-        Done(Result<(), String>),
-    }
-    let steps: Vec<Step> = sessions
-        .iter()
-        .map(|s| {
-            if !s.is_connected() {
-                return Step::Reconnecting;
-            }
-            let frame = s.frame(
-                subject,
-                msg.body.clone(),
-                msg.reply_to.as_deref(),
-                frame_type.unwrap_or(s.frame_type),
-            );
-            match frame.and_then(|f| s.enqueue(f)) {
-                Ok(queued) => Step::Queued(queued),
-                Err(e) => Step::Done(Err(e)),
-            }
-        })
-        .collect();
-    let reconnecting = join_all(
+    join_all(
         sessions
             .iter()
-            .zip(&steps)
-            .filter(|(_, step)| matches!(step, Step::Reconnecting))
-            .map(|(s, _)| send_to(s, subject, msg, frame_type)),
-    );
-    let queued = async {
-        let mut results = Vec::with_capacity(steps.len());
-        for (s, step) in sessions.iter().zip(steps) {
-            results.push(match step {
-                Step::Queued(queued) => Some(s.written(queued).await),
-                Step::Done(result) => Some(result),
-                Step::Reconnecting => None,
-            });
-        }
-        results
-    };
-    let (queued, reconnecting) = futures::join!(queued, reconnecting);
-    let mut reconnecting = reconnecting.into_iter();
-    queued
-        .into_iter()
-        .map(|r| match r {
-            Some(result) => result,
-            None => reconnecting
-                .next()
-                .unwrap_or_else(|| Err("internal error: a send went missing".to_string())),
-        })
-        .collect()
+            .map(|s| send_to(s, subject, msg, frame_type)),
+    )
+    .await
 }
 
 fn caller(cx: &Option<Context>) -> Result<(&str, &str), String> {

@@ -329,13 +329,6 @@ impl Session {
         if !self.is_connected() {
             self.wait_connected().await?;
         }
-        let queued = self.enqueue(message)?;
-        self.written(queued).await
-    }
-
-    /// Queues one frame for the socket without waiting; [`Session::written`] waits for its
-    /// write. Fails at once when the queue is full or the session is closed.
-    pub fn enqueue(&self, message: Message) -> Result<Queued, String> {
         let (ack, done) = oneshot::channel();
         self.outbound
             .try_send(Box::new(Outbound {
@@ -348,15 +341,7 @@ impl Session {
                 }
                 mpsc::error::TrySendError::Closed(_) => format!("session {} is closed", self.id),
             })?;
-        Ok(Queued {
-            done,
-            deadline: tokio::time::Instant::now() + self.write_timeout,
-        })
-    }
-
-    /// Waits until a queued frame was flushed to the socket, within the write timeout.
-    pub async fn written(&self, queued: Queued) -> Result<(), String> {
-        match tokio::time::timeout_at(queued.deadline, queued.done).await {
+        match tokio::time::timeout(self.write_timeout, done).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(format!("session {} closed before the write", self.id)),
             Err(_) => Err(self.slow_consumer(format!(
@@ -438,12 +423,6 @@ impl Session {
         })))
         .await
     }
-}
-
-/// A frame in a session's queue: its write's outcome, and how long to wait for it.
-pub struct Queued {
-    done: oneshot::Receiver<Result<(), String>>,
-    deadline: tokio::time::Instant,
 }
 
 /// Turns a body into a frame of the requested type.

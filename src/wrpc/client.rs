@@ -26,39 +26,6 @@ pub struct Invoker {
 }
 
 impl Invoker {
-    /// Connects with the host's lattice settings (URL and, when set, JWT and seed).
-    pub async fn connect(
-        url: &str,
-        jwt: &str,
-        seed: &str,
-        lattice: &str,
-        provider_id: &str,
-    ) -> anyhow::Result<Self> {
-        let options = match (jwt.trim(), seed.trim()) {
-            ("", "") => async_nats::ConnectOptions::new(),
-            (jwt, seed) => {
-                let key = Arc::new(
-                    nkeys::KeyPair::from_seed(seed).context("the lattice RPC seed is invalid")?,
-                );
-                async_nats::ConnectOptions::with_jwt(jwt.to_string(), move |nonce| {
-                    let key = Arc::clone(&key);
-                    async move { key.sign(&nonce).map_err(async_nats::AuthError::new) }
-                })
-            }
-        };
-        let url = if url.is_empty() {
-            "nats://127.0.0.1:4222"
-        } else {
-            url
-        };
-        let nats = options
-            .name(format!("{provider_id} component calls"))
-            .connect(url)
-            .await
-            .with_context(|| format!("failed to connect to NATS at {url}"))?;
-        Self::new(nats, lattice, provider_id).await
-    }
-
     /// Uses an existing NATS connection.
     pub async fn new(
         nats: async_nats::Client,
