@@ -492,9 +492,11 @@ async fn a_hundred_concurrent_requests_resolve_independently_and_silence_times_o
     env.stop().await
 }
 
-/// The provider's own client for calls into components (`src/wrpc/`), against a real
-/// provider and a real nats-server: a call without parameters, a call with them, and a call to a
-/// component nobody serves, which fails at once (NATS "no responders") instead of hanging.
+/// The provider's own wRPC client (`src/wrpc/client.rs`) calling the provider's own export
+/// server (`src/wrpc/server.rs`) in a real provider over a real nats-server: a call without
+/// parameters, a call with them, one whose parameters the server must collect after its accept
+/// (1.5 MB), and a call to a component nobody serves, which fails at once (NATS "no
+/// responders") instead of hanging.
 #[tokio::test(flavor = "multi_thread")]
 async fn race_free_client_calls_with_and_without_parameters_and_fails_fast_without_a_server(
 ) -> Result<()> {
