@@ -284,7 +284,10 @@ async fn main() -> Result<()> {
     let only = arg("--only");
     let provider_bin = arg("--provider")
         .context("--provider <path to messaging-websocket-provider> is required")?;
-    let opts = if quick {
+    let idle = arg("--idle").and_then(|n| n.parse().ok());
+    let opts = if quick || idle.is_some() {
+        // `--quick` (the CI smoke) or `--idle N` (one short round with N idle sessions, for
+        // memory work).
         Options {
             quick,
             focus,
@@ -292,38 +295,18 @@ async fn main() -> Result<()> {
             duration: Duration::from_secs(1),
             latency_samples: 300,
             sessions: 20,
-            idle: 1000,
-        }
-    } else if focus {
-        Options {
-            quick,
-            focus,
-            rounds: 1,
-            duration: Duration::from_secs(4),
-            latency_samples: 2000,
-            sessions: 100,
-            idle: 0,
-        }
-    } else if let Some(idle) = arg("--idle").and_then(|n| n.parse().ok()) {
-        // `--idle N`: one quick round with N idle sessions (for memory work).
-        Options {
-            quick,
-            focus,
-            rounds: 1,
-            duration: Duration::from_secs(1),
-            latency_samples: 300,
-            sessions: 20,
-            idle,
+            idle: idle.unwrap_or(1000),
         }
     } else {
+        // The full run, or `--focus`: one round and no idle sessions.
         Options {
             quick,
             focus,
-            rounds: 3,
+            rounds: if focus { 1 } else { 3 },
             duration: Duration::from_secs(4),
             latency_samples: 2000,
             sessions: 100,
-            idle: 19_000,
+            idle: if focus { 0 } else { 19_000 },
         }
     };
     let idle_before = procs::idle_percent(Duration::from_secs(1))
