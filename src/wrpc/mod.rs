@@ -268,6 +268,10 @@ impl AsyncWrite for Writer {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.buffer.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        // `server_info` copies the whole server description: once per flush, not per message.
         let chunk = this.nats.server_info().max_payload.max(1);
         while !this.buffer.is_empty() {
             ready!(this.poll_publish(cx, |b| b.split_to(chunk.min(b.len())).freeze()))?;
