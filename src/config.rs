@@ -41,6 +41,7 @@ pub const RECONNECT_MIN_MS: &str = "RECONNECT_MIN_MS";
 pub const RECONNECT_MAX_MS: &str = "RECONNECT_MAX_MS";
 pub const MAX_MESSAGE_BYTES: &str = "MAX_MESSAGE_BYTES";
 pub const SEND_QUEUE_LEN: &str = "SEND_QUEUE_LEN";
+pub const MAX_IN_FLIGHT: &str = "MAX_IN_FLIGHT";
 
 pub const DEFAULT_URI: &str = "ws://127.0.0.1:8080";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -49,6 +50,10 @@ pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(250);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_SEND_QUEUE_LEN: usize = 1024;
+/// One `handle-message` call at a time per session: strict order.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1;
+/// The most calls one session may have running (the provider runs at most 256 in all).
+pub const MAX_MAX_IN_FLIGHT: usize = 256;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(10);
@@ -170,6 +175,8 @@ pub struct LinkSettings {
     pub frame_type: FrameType,
     pub format: Format,
     pub handler_timeout: Duration,
+    /// `handle-message` calls one session may have running at once.
+    pub max_in_flight: usize,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     pub max_message_bytes: usize,
@@ -317,6 +324,18 @@ impl ProviderDefaults {
                 .map_err(|_| err(MAX_MESSAGE_BYTES, "too large"))?,
             None => DEFAULT_MAX_MESSAGE_BYTES,
         };
+        let max_in_flight = match get(MAX_IN_FLIGHT) {
+            Some(v) => match parse_positive(MAX_IN_FLIGHT, v)? {
+                n if n <= MAX_MAX_IN_FLIGHT as u64 => n as usize,
+                _ => {
+                    return Err(err(
+                        MAX_IN_FLIGHT,
+                        format!("must be at most {MAX_MAX_IN_FLIGHT}"),
+                    ))
+                }
+            },
+            None => DEFAULT_MAX_IN_FLIGHT,
+        };
         let send_queue_len = match get(SEND_QUEUE_LEN) {
             Some(v) => usize::try_from(parse_positive(SEND_QUEUE_LEN, v)?)
                 .map_err(|_| err(SEND_QUEUE_LEN, "too large"))?,
@@ -385,6 +404,7 @@ impl ProviderDefaults {
             frame_type,
             format,
             handler_timeout,
+            max_in_flight,
             reconnect_min,
             reconnect_max,
             max_message_bytes,
@@ -633,6 +653,17 @@ mod tests {
     }
 
     #[test]
+    fn max_in_flight_defaults_to_strict_order_and_is_bounded() {
+        assert_eq!(parse(&[], &[]).expect("defaults").max_in_flight, 1);
+        let n = parse(&[], &[("max_in_flight", "64")]).expect("64");
+        assert_eq!(n.max_in_flight, 64);
+        for bad in ["0", "257", "-1", "many"] {
+            let e = parse(&[], &[("MAX_IN_FLIGHT", bad)]).expect_err(bad);
+            assert!(e.to_string().contains("MAX_IN_FLIGHT"), "{e}");
+        }
+    }
+
+    #[test]
     fn token_value_never_appears_in_errors() {
         let e = parse(&[], &[("AUTH_TOKEN", "sek\u{7}rit")]).expect_err("bad token");
         assert!(!e.to_string().contains("sekrit"));
@@ -666,6 +697,7 @@ mod robustness {
             RECONNECT_MAX_MS,
             MAX_MESSAGE_BYTES,
             SEND_QUEUE_LEN,
+            MAX_IN_FLIGHT,
             PING_INTERVAL_SEC,
             SLOW_CONSUMER,
             "unknown",

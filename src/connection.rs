@@ -62,7 +62,7 @@ impl Connection {
             keepalive: settings.keepalive,
         };
         // Delivery ends by itself once the socket task (which owns the sink) has ended.
-        let inbound = dispatch::start(Arc::clone(&session), wrpc, settings.handler_timeout, stats);
+        let inbound = dispatch::start(Arc::clone(&session), wrpc, settings.into(), stats);
         // Everything the socket task logs names its session, component and link.
         let span = tracing::info_span!("session", id = %session.id, component = component_id,
             link = link_name, mode = "client");

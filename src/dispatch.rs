@@ -1,19 +1,22 @@
 //! Inbound frames to `handle-message`.
 //!
-//! Each session has an [`Inbound`] sink, called by its socket's reader, and one [`deliver`]
-//! task. The sink decodes the frame (JSON envelopes), hands replies to the requests waiting for
-//! them (at once, so a component blocked in `request` on this session still gets its reply), and
-//! queues everything else in a small bounded queue. The deliver task calls `handle-message` for
-//! one message at a time, in order; when the queue is full the reader stops reading the socket.
+//! Each session has an [`Inbound`] sink, called by its socket's reader, and one delivery task.
+//! The sink decodes the frame (JSON envelopes), hands replies to the requests waiting for them
+//! (at once, so a component blocked in `request` on this session still gets its reply), and
+//! queues everything else in a small bounded queue. The delivery task calls `handle-message`
+//! for the queued messages in arrival order: one at a time by default, or up to the link's
+//! `MAX_IN_FLIGHT` at once, each started (published) after the one before it; when the queue is
+//! full the reader stops reading the socket.
 //! Every call is bounded by the link's handler timeout, which covers the whole wRPC call (a reply
 //! lost by the transport would otherwise hang the session forever); failures and timeouts are
 //! logged with the session and subject, counted, and do not stop the messages that follow.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use futures::stream::{FuturesUnordered, StreamExt as _};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, debug_span, warn, Instrument as _};
 
 use tokio_tungstenite::tungstenite::Message;
@@ -40,7 +43,7 @@ static HANDLER_SLOTS: tokio::sync::Semaphore =
 pub struct Inbound {
     pub session: Arc<Session>,
     /// Boxed, so the queue's up-front room for 32 items is 32 pointers (see `Outbound`).
-    pub queue: mpsc::Sender<Box<BrokerMessage>>,
+    pub queue: mpsc::Sender<Box<Queued>>,
     pub stats: Arc<Stats>,
 }
 
@@ -104,7 +107,7 @@ impl FrameSink for Inbound {
         self.stats.frame_in(self.mode(), payload.len());
         if let Some(message) = self.message(payload) {
             // Waiting here is the backpressure: the socket is not read while the queue is full.
-            let _ = self.queue.send(Box::new(message)).await;
+            let _ = self.queue.send(Box::new(Queued::Frame(message))).await;
         }
     }
 
@@ -129,23 +132,50 @@ impl FrameSink for Inbound {
     }
 }
 
+/// What waits in a session's delivery queue.
+pub enum Queued {
+    /// A frame from the peer.
+    Frame(BrokerMessage),
+    /// A lifecycle message (`ws.lifecycle.*`): delivered alone, after every earlier message's
+    /// call has finished and before any later one starts, whatever `MAX_IN_FLIGHT` says.
+    Lifecycle(BrokerMessage),
+}
+
+/// How a session's messages are handed to `handle-message`.
+#[derive(Clone, Copy, Debug)]
+pub struct DeliveryOptions {
+    /// Bound on one whole call.
+    pub timeout: Duration,
+    /// Calls of one session running at once (`MAX_IN_FLIGHT`); 1 is strict order.
+    pub max_in_flight: usize,
+}
+
+impl From<&crate::config::LinkSettings> for DeliveryOptions {
+    fn from(settings: &crate::config::LinkSettings) -> Self {
+        Self {
+            timeout: settings.handler_timeout,
+            max_in_flight: settings.max_in_flight,
+        }
+    }
+}
+
 /// Starts delivery for `session`: a small queue, and a task that calls `handle-message` for what
 /// is queued. The task ends by itself once every sender of the queue (the returned sink, and
-/// any clone of its `queue`) is gone.
+/// any clone of its `queue`) is gone, after the calls it started have finished.
 pub fn start(
     session: Arc<Session>,
     wrpc: ComponentClient,
-    timeout: Duration,
+    options: DeliveryOptions,
     stats: Arc<Stats>,
 ) -> Arc<Inbound> {
     let (queue, queued) = mpsc::channel(DELIVERY_QUEUE);
-    tokio::spawn(deliver(
-        Arc::clone(&session),
+    let delivery = Delivery {
+        session: Arc::clone(&session),
         wrpc,
-        timeout,
-        Arc::clone(&stats),
-        queued,
-    ));
+        timeout: options.timeout,
+        stats: Arc::clone(&stats),
+    };
+    tokio::spawn(delivery.run(options.max_in_flight.max(1), queued));
     Arc::new(Inbound {
         session,
         queue,
@@ -173,32 +203,97 @@ fn trace_headers(span: &tracing::Span) -> Option<async_nats::HeaderMap> {
     Some(headers)
 }
 
-/// Calls `handle-message` for each queued message of `session`, one at a time, in order.
-async fn deliver(
+/// One session's delivery task.
+struct Delivery {
     session: Arc<Session>,
     wrpc: ComponentClient,
     timeout: Duration,
     stats: Arc<Stats>,
-    mut queue: mpsc::Receiver<Box<BrokerMessage>>,
-) {
-    while let Some(message) = queue.recv().await {
+}
+
+impl Delivery {
+    /// Calls `handle-message` for each queued message, in order: each call starts (is
+    /// published) only after the one before it has started, and at most `max_in_flight` run
+    /// at once. With 1, each call also finishes before the next starts.
+    async fn run(self, max_in_flight: usize, mut queue: mpsc::Receiver<Box<Queued>>) {
+        if max_in_flight == 1 {
+            while let Some(queued) = queue.recv().await {
+                let (Queued::Frame(message) | Queued::Lifecycle(message)) = *queued;
+                self.handle(message, None).await;
+            }
+            return;
+        }
+        let mut running = FuturesUnordered::new();
+        loop {
+            while running.len() >= max_in_flight {
+                running.next().await;
+            }
+            let queued = tokio::select! {
+                biased;
+                Some(()) = running.next(), if !running.is_empty() => continue,
+                queued = queue.recv() => queued,
+            };
+            let Some(queued) = queued else { break };
+            let message = match *queued {
+                Queued::Lifecycle(message) => {
+                    while running.next().await.is_some() {}
+                    self.handle(message, None).await;
+                    continue;
+                }
+                Queued::Frame(message) => message,
+            };
+            let (started_tx, mut started) = oneshot::channel();
+            let mut call = Box::pin(self.handle(message, Some(started_tx)));
+            // The next message waits until this call has been published (or has finished);
+            // meanwhile the calls already running go on.
+            let finished = loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut started => break false,
+                    () = &mut call => break true,
+                    Some(()) = running.next(), if !running.is_empty() => {}
+                }
+            };
+            if !finished {
+                running.push(call);
+            }
+        }
+        while running.next().await.is_some() {}
+    }
+
+    /// One `handle-message` call, bounded by the handler timeout; `started` is told once the
+    /// call has been handed to NATS.
+    async fn handle(&self, message: BrokerMessage, started: Option<oneshot::Sender<()>>) {
         let Ok(_slot) = HANDLER_SLOTS.acquire().await else {
             return;
         };
-        let session = &session;
+        let session = &self.session;
         let span = debug_span!("handle_message", session = %session.id,
             component = %session.component_id, subject = %message.subject);
         let headers = trace_headers(&span);
+        let started_at = Instant::now();
         // Boxed: the call's state is large, and an idle session should not carry it.
-        let call = Box::pin(handler::handle_message(&wrpc, headers, &message).instrument(span));
-        let started = Instant::now();
-        let result = tokio::time::timeout(timeout, call).await;
+        let result = match started {
+            None => {
+                let call = handler::handle_message(&self.wrpc, headers, &message);
+                tokio::time::timeout(self.timeout, Box::pin(call.instrument(span))).await
+            }
+            Some(started) => {
+                let client = Starting {
+                    client: &self.wrpc,
+                    started: Mutex::new(Some(started)),
+                };
+                let call = handler::handle_message(&client, headers, &message);
+                tokio::time::timeout(self.timeout, Box::pin(call.instrument(span))).await
+            }
+        };
         let outcome = match &result {
             Ok(Ok(Ok(()))) => "ok",
             Ok(_) => "error",
             Err(_) => "timeout",
         };
-        stats.handled(started.elapsed(), outcome);
+        self.stats.handled(started_at.elapsed(), outcome);
+        let timeout = self.timeout;
         match result {
             Ok(Ok(Ok(()))) => {
                 debug!(session = %session.id, subject = %message.subject, "delivered");
@@ -217,5 +312,34 @@ async fn deliver(
                     "handle-message did not finish in time; counted as hung");
             }
         }
+    }
+}
+
+/// Calls through `client`, and says so on `started` once the call has been published: the
+/// delivery task starts a session's calls one after another in arrival order.
+struct Starting<'a> {
+    client: &'a ComponentClient,
+    started: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl wrpc_transport::Invoke for Starting<'_> {
+    type Context = <ComponentClient as wrpc_transport::Invoke>::Context;
+    type Outgoing = <ComponentClient as wrpc_transport::Invoke>::Outgoing;
+    type Incoming = <ComponentClient as wrpc_transport::Invoke>::Incoming;
+
+    async fn invoke<P: AsRef<[Option<usize>]> + Send + Sync>(
+        &self,
+        cx: Self::Context,
+        instance: &str,
+        func: &str,
+        params: Bytes,
+        paths: impl AsRef<[P]> + Send,
+    ) -> anyhow::Result<(Self::Outgoing, Self::Incoming)> {
+        let call = self.client.invoke(cx, instance, func, params, paths).await;
+        let started = self.started.lock().ok().and_then(|mut s| s.take());
+        if let Some(started) = started {
+            let _ = started.send(());
+        }
+        call
     }
 }

@@ -45,44 +45,95 @@ pub const PROVIDER_NAME: &str = "messaging-websocket-provider";
 /// standard `OTEL_METRIC_EXPORT_INTERVAL` variable can only come from here.
 pub const METRIC_EXPORT_INTERVAL: &str = "OTEL_METRIC_EXPORT_INTERVAL";
 
-/// Sets `OTEL_METRIC_EXPORT_INTERVAL` for the metrics exporter from the provider's config;
-/// returns a warning for a value that is not a positive number of milliseconds.
-fn export_interval_from_config() -> Option<String> {
+/// Provider config key: how many threads run the provider. 1 is a current-thread runtime;
+/// more is a multi-threaded runtime with that many workers.
+pub const RUNTIME_THREADS: &str = "RUNTIME_THREADS";
+/// The most threads `RUNTIME_THREADS` may ask for.
+pub const MAX_RUNTIME_THREADS: usize = 64;
+
+/// One value of the provider's own config (named config given at start), case-insensitive.
+fn provider_config(key: &str) -> Option<String> {
     let host = wasmcloud_provider_sdk::provider::load_host_data().ok()?;
-    let value = host
-        .config
+    host.config
         .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(METRIC_EXPORT_INTERVAL))
-        .map(|(_, v)| v.trim());
-    match value {
-        Some(ms) if ms.parse::<u64>().is_ok_and(|ms| ms > 0) => {
-            // Before any other thread reads the environment: the runtime has one thread, and
-            // the exporter is built after this.
-            std::env::set_var(METRIC_EXPORT_INTERVAL, ms);
-            None
-        }
-        Some(bad) => Some(format!(
-            "{METRIC_EXPORT_INTERVAL}={bad:?} is not a positive number of milliseconds; using the default (60 s)"
-        )),
-        None => None,
+        .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        .map(|(_, v)| v.trim().to_string())
+}
+
+/// The default of `RUNTIME_THREADS` on a machine with `cores` cores: one thread up to two
+/// cores (the host and nats-server want the rest; one thread spends the least CPU per
+/// message), then half the cores, at most 8.
+pub fn default_runtime_threads(cores: usize) -> usize {
+    if cores <= 2 {
+        1
+    } else {
+        (cores / 2).clamp(2, 8)
     }
 }
 
-/// Runs the provider until the host shuts it down.
-pub async fn run() -> anyhow::Result<()> {
+/// What the provider's process needs before its runtime starts, from its config: the metrics
+/// export interval (set as the standard environment variable, while no other thread exists)
+/// and the runtime's thread count. Returns the thread count and warnings to log once logging
+/// is up.
+pub fn prepare() -> (usize, Vec<String>) {
+    let mut warnings = Vec::new();
+    match provider_config(METRIC_EXPORT_INTERVAL) {
+        Some(ms) if ms.parse::<u64>().is_ok_and(|ms| ms > 0) => {
+            // Before any other thread exists: the runtime is built after this.
+            std::env::set_var(METRIC_EXPORT_INTERVAL, ms);
+        }
+        Some(bad) => warnings.push(format!(
+            "{METRIC_EXPORT_INTERVAL}={bad:?} is not a positive number of milliseconds; using the default (60 s)"
+        )),
+        None => {}
+    }
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let default = default_runtime_threads(cores);
+    let threads = match provider_config(RUNTIME_THREADS) {
+        None => default,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_RUNTIME_THREADS).contains(&n) => n,
+            _ => {
+                warnings.push(format!(
+                    "{RUNTIME_THREADS}={v:?} is not a whole number from 1 to {MAX_RUNTIME_THREADS}; using {default}"
+                ));
+                default
+            }
+        },
+    };
+    (threads, warnings)
+}
+
+/// Builds the runtime `prepare` asked for.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+}
+
+/// Runs the provider until the host shuts it down; `warnings` (from [`prepare`]) are logged
+/// once logging is up.
+pub async fn run(threads: usize, warnings: Vec<String>) -> anyhow::Result<()> {
     use anyhow::Context as _;
     use wasmcloud_provider_sdk::{get_connection, run_provider};
 
     // wss:// uses rustls with ring; installing twice is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let interval_warning = export_interval_from_config();
     wasmcloud_provider_sdk::initialize_observability!(
         PROVIDER_NAME,
         std::env::var_os("PROVIDER_MESSAGING_WEBSOCKET_FLAMEGRAPH_PATH")
     );
-    if let Some(warning) = interval_warning {
+    for warning in warnings {
         tracing::warn!("{warning}");
     }
+    tracing::info!(threads, "runtime started");
     // After observability: its metrics instruments come from the meter provider set up there.
     let provider = WsProvider::default();
     let shutdown = run_provider(provider.clone(), PROVIDER_NAME)

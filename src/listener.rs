@@ -18,7 +18,7 @@ use tracing::Instrument as _;
 
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
 use crate::config::LinkSettings;
-use crate::dispatch::{self, Inbound};
+use crate::dispatch::{self, Inbound, Queued};
 use crate::sessions::{Registry, RequestInfo, Route, Session, SessionOptions};
 use crate::stats::Stats;
 use crate::task::OwnedTask;
@@ -99,7 +99,7 @@ struct Sessions {
 /// Lives as long as one client connection.
 struct Guard {
     session: Arc<Session>,
-    queue: mpsc::Sender<Box<BrokerMessage>>,
+    queue: mpsc::Sender<Box<Queued>>,
     _state: watch::Sender<ConnState>,
 }
 
@@ -138,7 +138,7 @@ impl Accept for Sessions {
         let inbound = dispatch::start(
             Arc::clone(&session),
             self.wrpc.clone(),
-            self.settings.handler_timeout,
+            (&self.settings).into(),
             Arc::clone(&self.stats),
         );
         if self.lifecycle {
@@ -149,11 +149,13 @@ impl Accept for Sessions {
                 "remote": session.remote,
                 "path": session.request.as_ref().map(|r| r.path.clone()),
             });
-            let _ = inbound.queue.try_send(Box::new(BrokerMessage {
-                subject: LIFECYCLE_CONNECTED.to_string(),
-                body: Bytes::from(body.to_string()),
-                reply_to: session.tracking.then(|| session.subject()),
-            }));
+            let _ = inbound
+                .queue
+                .try_send(Box::new(Queued::Lifecycle(BrokerMessage {
+                    subject: LIFECYCLE_CONNECTED.to_string(),
+                    body: Bytes::from(body.to_string()),
+                    reply_to: session.tracking.then(|| session.subject()),
+                })));
         }
         let guard = Guard {
             session,
@@ -191,7 +193,7 @@ impl Accept for Sessions {
             };
             // Queued behind the session's last messages, so it is delivered after them.
             tokio::spawn(async move {
-                let _ = queue.send(Box::new(message)).await;
+                let _ = queue.send(Box::new(Queued::Lifecycle(message))).await;
             });
         }
     }

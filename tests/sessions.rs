@@ -571,3 +571,289 @@ async fn race_free_client_calls_with_and_without_parameters_and_fails_fast_witho
     assert_eq!(invoker.open_calls(), 0);
     env.stop().await
 }
+
+/// Sends `!request <subject> 60000 <subject>` envelopes, one per subject, to the component.
+async fn send_requests(peer: &mut Peer, subjects: &[&str]) -> Result<()> {
+    for subject in subjects {
+        peer.send_json(json!({"subject": "go", "body": format!("!request {subject} 60000 {subject}"), "reply_to": "out"}))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Answers a request frame the component wrote (its body is its subject) with `<body>!`.
+async fn answer(peer: &mut Peer, request: &serde_json::Value) -> Result<()> {
+    let inbox = request["reply_to"].as_str().context("reply_to")?;
+    let body = format!("{}!", request["body"].as_str().context("body")?);
+    peer.send_json(json!({"subject": inbox, "body": body}))
+        .await
+}
+
+/// What the component answers when its request got `answer`'s reply.
+fn reply_of(request: &serde_json::Value) -> serde_json::Value {
+    json!({"subject": "out", "body": format!("REPLY {} {}!",
+        request["reply_to"].as_str().unwrap_or_default(), request["body"].as_str().unwrap_or_default())})
+}
+
+/// `MAX_IN_FLIGHT` left at its default (1): a session's `handle-message` calls run one at a
+/// time in arrival order. Each message here makes the component send a request to the peer and
+/// wait for the answer, so the frames on the socket show it: the second request is written
+/// only after the first call has finished (its `REPLY` came first).
+#[tokio::test(flavor = "multi_thread")]
+async fn by_default_each_call_finishes_before_the_next_starts() -> Result<()> {
+    let env = Env::start().await?;
+    let mut s1 = Server::start().await?;
+    let mut peers = component_with_links(
+        &env,
+        "strict",
+        &mut [("strict-h", &mut s1, &[("FORMAT", "json")])],
+    )
+    .await?;
+    let peer = &mut peers[0];
+    send_requests(peer, &["first", "second"]).await?;
+    let first = peer.recv_json().await?;
+    assert_eq!(first["subject"], "first");
+    answer(peer, &first).await?;
+    assert_eq!(peer.recv_json().await?, reply_of(&first));
+    let second = peer.recv_json().await?;
+    assert_eq!(
+        second["subject"], "second",
+        "the second call started only now"
+    );
+    answer(peer, &second).await?;
+    assert_eq!(peer.recv_json().await?, reply_of(&second));
+    // Echoes stay in order too.
+    for i in 0..50 {
+        peer.send_json(json!({"subject": "go", "body": format!("echo-{i}"), "reply_to": "out"}))
+            .await?;
+    }
+    for i in 0..50 {
+        assert_eq!(
+            peer.recv_json().await?,
+            json!({"subject": "out", "body": format!("echo-{i}")})
+        );
+    }
+    env.stop().await
+}
+
+/// `MAX_IN_FLIGHT=3`: three calls of one session run at once (all three requests reach the
+/// peer before it answers any), a fourth waits for a free slot, and calls finish in whatever
+/// order their work does (here, the order the peer answers in).
+#[tokio::test(flavor = "multi_thread")]
+async fn max_in_flight_runs_calls_of_one_session_at_once_up_to_the_limit() -> Result<()> {
+    let env = Env::start().await?;
+    let mut s1 = Server::start().await?;
+    let mut peers = component_with_links(
+        &env,
+        "wide",
+        &mut [(
+            "wide-h",
+            &mut s1,
+            &[("FORMAT", "json"), ("MAX_IN_FLIGHT", "3")],
+        )],
+    )
+    .await?;
+    let peer = &mut peers[0];
+    send_requests(peer, &["q1", "q2", "q3", "q4"]).await?;
+    // Calls start in arrival order and at most 3 run: the first three requests are q1-q3
+    // (in any order: three component instances run them side by side).
+    let mut running = Vec::new();
+    for _ in 0..3 {
+        running.push(peer.recv_json().await?);
+    }
+    let mut subjects: Vec<String> = running
+        .iter()
+        .map(|r| r["subject"].as_str().unwrap_or_default().to_string())
+        .collect();
+    subjects.sort();
+    assert_eq!(subjects, ["q1", "q2", "q3"]);
+    // Answer the last one to arrive: its call finishes first, and q4 takes its slot.
+    let done = running.pop().context("three requests")?;
+    answer(peer, &done).await?;
+    let mut next = [peer.recv_json().await?, peer.recv_json().await?];
+    next.sort_by_key(|v| v["subject"].as_str().unwrap_or_default().to_string());
+    assert_eq!(next[0], reply_of(&done));
+    assert_eq!(next[1]["subject"], "q4");
+    running.push(next[1].clone());
+    // The rest finish in the order they are answered.
+    for request in running.iter().rev() {
+        answer(peer, request).await?;
+        assert_eq!(peer.recv_json().await?, reply_of(request));
+    }
+    env.stop().await
+}
+
+/// With `MAX_IN_FLIGHT=2`, a call that never finishes (a request nobody answers) holds one
+/// slot, and the session's later messages go on through the other, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_call_holds_one_slot_and_does_not_stall_the_session() -> Result<()> {
+    let env = Env::start().await?;
+    let mut s1 = Server::start().await?;
+    let mut peers = component_with_links(
+        &env,
+        "unstuck",
+        &mut [(
+            "unstuck-h",
+            &mut s1,
+            &[("FORMAT", "json"), ("MAX_IN_FLIGHT", "2")],
+        )],
+    )
+    .await?;
+    let peer = &mut peers[0];
+    send_requests(peer, &["never-answered"]).await?;
+    let hung = peer.recv_json().await?;
+    assert_eq!(hung["subject"], "never-answered");
+    for i in 0..20 {
+        peer.send_json(json!({"subject": "go", "body": format!("after-{i}"), "reply_to": "out"}))
+            .await?;
+    }
+    for i in 0..20 {
+        assert_eq!(
+            peer.recv_json().await?,
+            json!({"subject": "out", "body": format!("after-{i}")}),
+            "message {i} behind a hung call"
+        );
+    }
+    env.stop().await
+}
+
+/// The subject the provider serves `<instance>.<func>` on.
+fn export_subject(func: &str) -> String {
+    wrpc_transport_nats::invocation_subject(
+        &format!("{LATTICE}.{PROVIDER_ID}"),
+        "wasmcloud-websocket:provider/sessions@0.1.0",
+        func,
+    )
+}
+
+/// A caller that misses the provider's accept (as a host on wrpc-transport-nats 0.29 may, when
+/// its demux task drops the accept before it has subscribed) is not left waiting: the provider
+/// sends the accept again, at growing intervals, until the caller's parameters arrive, and it
+/// sends no results before the caller has ended its parameter stream, so results cannot reach
+/// a caller that is not yet subscribed to them. Spoken as raw NATS messages.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missed_accept_is_sent_again_and_results_wait_for_the_end_of_parameters() -> Result<()> {
+    use futures::{FutureExt as _, StreamExt as _};
+    let env = Env::start().await?;
+    let nats = &env.client;
+    let reply = nats.new_inbox();
+    let mut accepts = nats.subscribe(reply.clone()).await?;
+    let mut results = nats.subscribe(format!("{reply}.results")).await?;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("source-id", "raw-caller");
+    headers.insert("link-name", "default");
+    // get-session("nope"): every parameter byte is in the call itself, so the provider can
+    // run the function at once; only its results must wait.
+    let params = bytes::Bytes::from_static(b"\x04nope");
+    nats.publish_with_reply_and_headers(export_subject("get-session"), reply, headers, params)
+        .await?;
+    let bound = Duration::from_secs(10);
+    let mut params_subject = None;
+    for n in 1..=3 {
+        let accept = tokio::time::timeout(bound, accepts.next())
+            .await
+            .with_context(|| format!("accept {n} did not come"))?
+            .context("subscription ended")?;
+        ensure!(accept.payload.is_empty(), "an accept is empty");
+        let to = accept
+            .reply
+            .context("an accept names the parameter subject")?;
+        if let Some(seen) = &params_subject {
+            assert_eq!(seen, &to, "every accept names the same call");
+        }
+        params_subject = Some(to);
+    }
+    // Three accepts (about 20 + 40 ms apart) and still no results.
+    ensure!(
+        results.next().now_or_never().is_none(),
+        "results were sent before the caller ended its parameters"
+    );
+    let params_subject = params_subject.context("accepted")?;
+    nats.publish(format!("{params_subject}.params"), bytes::Bytes::new())
+        .await?;
+    let answer = tokio::time::timeout(bound, results.next())
+        .await
+        .context("no results after the end of parameters")?
+        .context("subscription ended")?;
+    // result<session-info, string>: 1 = err, then the message.
+    assert_eq!(answer.payload.first(), Some(&1u8));
+    let text = String::from_utf8_lossy(&answer.payload);
+    ensure!(text.contains("unknown session nope"), "{text}");
+    let end = tokio::time::timeout(bound, results.next())
+        .await
+        .context("no end of results")?
+        .context("subscription ended")?;
+    ensure!(end.payload.is_empty(), "results end with an empty message");
+    env.stop().await
+}
+
+/// The host's own client (wrpc-transport-nats 0.29, stock) given the accept twice: a caller
+/// that is slow to read its accept sees the provider send it again. The repeated accept is
+/// harmless: the call completes once with the right results, and the client's demux task
+/// (which a second accept could block while the first is unread) goes on serving later calls.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stock_0_29_client_completes_once_when_it_gets_the_accept_twice() -> Result<()> {
+    use client::wasmcloud_websocket::provider::sessions;
+    use futures::StreamExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use wrpc_transport::Invoke as _;
+
+    let env = Env::start().await?;
+    let nats = &env.client;
+    let stock =
+        wrpc_transport_nats::Client::new(nats.clone(), format!("{LATTICE}.{PROVIDER_ID}"), None)
+            .await?;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("source-id", "stock-caller");
+    headers.insert("link-name", "default");
+    // Every accept sent to any inbox: ours is the one that comes twice.
+    let mut inboxes = nats.subscribe("_INBOX.>").await?;
+    let paths: &[&[Option<usize>]] = &[];
+    let (mut params, mut results) = stock
+        .invoke(
+            Some(headers.clone()),
+            "wasmcloud-websocket:provider/sessions@0.1.0",
+            "list-sessions",
+            bytes::Bytes::new(),
+            paths,
+        )
+        .await?;
+    // Do not read the accept until the provider has sent it a second time.
+    let mut seen = std::collections::HashMap::<String, u32>::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(message) = inboxes.next().await {
+            if message.payload.is_empty() && message.reply.is_some() {
+                let count = seen.entry(message.subject.to_string()).or_default();
+                *count += 1;
+                if *count >= 2 {
+                    return Ok(());
+                }
+            }
+        }
+        bail!("inbox subscription ended")
+    })
+    .await
+    .context("the accept was not sent again")??;
+    let bound = Duration::from_secs(10);
+    tokio::time::timeout(bound, params.shutdown())
+        .await
+        .context("the parameter stream did not end")??;
+    let mut bytes = Vec::new();
+    tokio::time::timeout(bound, results.read_to_end(&mut bytes))
+        .await
+        .context("the results did not come")??;
+    // result<list<session-info>, string>: ok (0), an empty list (0).
+    assert_eq!(bytes, [0u8, 0], "one complete result");
+    drop((params, results));
+    // The same client goes on: its demux is not stuck on the repeated accept.
+    for _ in 0..20 {
+        let listed = tokio::time::timeout(
+            bound,
+            sessions::list_sessions(&stock, Some(headers.clone())),
+        )
+        .await
+        .context("a later call hung")??;
+        assert_eq!(listed.map(|l| l.len()), Ok(0));
+    }
+    env.stop().await
+}

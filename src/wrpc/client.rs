@@ -126,6 +126,7 @@ impl wrpc_transport::Invoke for ComponentClient {
             Incoming {
                 buffer: Bytes::new(),
                 stream: results,
+                deadline: None,
                 _call: registration,
             },
         ))
@@ -145,10 +146,22 @@ enum OutState {
         accept: oneshot::Receiver<Message>,
         buffer: BytesMut,
     },
+    /// Accepted, with parameters left over: they wait [`PAUSE_BEFORE_REST`] (see there).
+    Pausing(Option<Writer>, Pin<Box<tokio::time::Sleep>>),
     Sending(Writer),
     /// The call was refused or its accept never came.
     Failed,
 }
+
+/// How long the rest of a call's parameters (what did not fit in its first message) waits
+/// after the accept. A host on wrpc-transport-nats 0.29 subscribes to a call's parameter
+/// stream through a command to its demux task and then publishes the accept; the demux may
+/// still route a message that arrives at once before it applies the command, and drop it. A
+/// dropped end of stream is harmless (such a server decodes parameters that came whole in the
+/// first message without waiting for it), but a dropped part of the parameters would hang the
+/// call on the host, so parameters that need more messages (over about 1 MiB) give the demux
+/// this head start. Messages that fit in one NATS message never wait.
+pub const PAUSE_BEFORE_REST: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// The accept's reply subject, or why the call was refused.
 fn accepted(message: Message) -> io::Result<Subject> {
@@ -180,15 +193,19 @@ impl AsyncWrite for Outgoing {
                 buffer.extend_from_slice(buf);
                 Poll::Ready(Ok(buf.len()))
             }
-            OutState::Sending(writer) => Pin::new(writer).poll_write(cx, buf),
-            OutState::Failed => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            OutState::Pausing(Some(writer), _) | OutState::Sending(writer) => {
+                Pin::new(writer).poll_write(cx, buf)
+            }
+            OutState::Pausing(None, _) | OutState::Failed => {
+                Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+            }
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.get_mut().state {
-            // Parameters wait for the accept; they go out at shutdown.
-            OutState::Handshaking { .. } => Poll::Ready(Ok(())),
+            // Parameters wait for the accept (and the pause); they go out at shutdown.
+            OutState::Handshaking { .. } | OutState::Pausing(..) => Poll::Ready(Ok(())),
             OutState::Sending(writer) => Pin::new(writer).poll_flush(cx),
             OutState::Failed => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
         }
@@ -208,13 +225,27 @@ impl AsyncWrite for Outgoing {
             match accept {
                 Ok(reply) => {
                     let subject = Subject::from(param_subject(&reply));
-                    let writer = Writer::new(nats.clone(), subject, std::mem::take(buffer));
-                    this.state = OutState::Sending(writer);
+                    let rest = std::mem::take(buffer);
+                    let pause = !rest.is_empty();
+                    let writer = Writer::new(nats.clone(), subject, rest);
+                    this.state = if pause {
+                        let sleep = Box::pin(tokio::time::sleep(PAUSE_BEFORE_REST));
+                        OutState::Pausing(Some(writer), sleep)
+                    } else {
+                        OutState::Sending(writer)
+                    };
                 }
                 Err(e) => {
                     this.state = OutState::Failed;
                     return Poll::Ready(Err(e));
                 }
+            }
+        }
+        if let OutState::Pausing(writer, sleep) = &mut this.state {
+            ready!(sleep.as_mut().poll(cx));
+            match writer.take() {
+                Some(writer) => this.state = OutState::Sending(writer),
+                None => this.state = OutState::Failed,
             }
         }
         match &mut this.state {

@@ -9,6 +9,14 @@
 //! - [`server`]: the provider's own exports (`consumer`, the session API), served in place of
 //!   the SDK's `serve_provider_exports`, on the SDK's lattice connection.
 //!
+//! The same race sits on the *host's* side, which we cannot change: its 0.29 client asks its
+//! demux task to subscribe to a call's accept and results and then publishes the call, and its
+//! 0.29 server asks it to subscribe to a call's parameters and then publishes the accept; the
+//! demux may route what arrives before it applies the request, and drop it. So our server sends
+//! its accept again until the caller's parameters arrive and holds results until they have
+//! ended, and our client gives a host a head start before sending parameters that did not fit
+//! in the call's first message (see the modules).
+//!
 //! Only what these interfaces need is spoken: parameters and results without nested async
 //! streams (a function with one is refused when it is served or called).
 //!
@@ -29,6 +37,7 @@ pub use server::{serve_exports, Invocations, Server};
 pub use wasmcloud_provider_sdk::Context as InvocationContext;
 
 use std::collections::HashMap;
+use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +61,10 @@ struct Route {
     accept: Option<oneshot::Sender<Message>>,
     /// `<inbox>.<n>.results` (client side) or `<inbox>.<n>.params` (server side).
     stream: mpsc::UnboundedSender<Message>,
+    /// Fired by the first message of the stream: the other side is there.
+    first: Option<oneshot::Sender<()>>,
+    /// Fired by the end of the stream (an empty message).
+    ended: Option<oneshot::Sender<()>>,
 }
 
 type Routes = Arc<Mutex<HashMap<u64, Route>>>;
@@ -103,25 +116,43 @@ impl Mux {
         }))
     }
 
-    /// Registers a new call; its replies are routed from now on, until the returned
-    /// [`Registration`] (and every clone of it) is dropped.
+    /// Registers a new call (client side); its replies are routed from now on, until the
+    /// returned [`Registration`] (and every clone of it) is dropped.
     fn register(&self) -> (Arc<Registration>, oneshot::Receiver<Message>, Stream) {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (accept_tx, accept) = oneshot::channel();
         let (stream_tx, stream) = mpsc::unbounded();
-        lock(&self.routes).insert(
-            id,
-            Route {
-                accept: Some(accept_tx),
-                stream: stream_tx,
-            },
-        );
-        let registration = Arc::new(Registration {
+        let registration = self.insert(Route {
+            accept: Some(accept_tx),
+            stream: stream_tx,
+            first: None,
+            ended: None,
+        });
+        (registration, accept, stream)
+    }
+
+    /// Registers a call to serve: like [`Mux::register`], and also reports the first message
+    /// of the caller's parameter stream and its end (how the server knows its accept arrived).
+    fn register_served(&self) -> (Arc<Registration>, Stream, Progress) {
+        let (stream_tx, stream) = mpsc::unbounded();
+        let (first_tx, first) = oneshot::channel();
+        let (ended_tx, ended) = oneshot::channel();
+        let registration = self.insert(Route {
+            accept: None,
+            stream: stream_tx,
+            first: Some(first_tx),
+            ended: Some(ended_tx),
+        });
+        (registration, stream, Progress { first, ended })
+    }
+
+    fn insert(&self, route: Route) -> Arc<Registration> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        lock(&self.routes).insert(id, route);
+        Arc::new(Registration {
             id,
             subject: Subject::from(format!("{}.{id}", self.inbox)),
             routes: Arc::clone(&self.routes),
-        });
-        (registration, accept, stream)
+        })
     }
 
     fn open_calls(&self) -> usize {
@@ -130,6 +161,13 @@ impl Mux {
 }
 
 type Stream = mpsc::UnboundedReceiver<Message>;
+
+/// How far the other side of a call has got with its stream: `first` fires at its first
+/// message, `ended` at its end. A dropped sender (the call ended) reads as an error.
+struct Progress {
+    first: oneshot::Receiver<()>,
+    ended: oneshot::Receiver<()>,
+}
 
 /// Hands one message to its call: `<inbox>.<n>` is an accept, `<inbox>.<n>.<stream>` a part
 /// of the call's incoming stream.
@@ -155,6 +193,14 @@ fn route(routes: &Routes, prefix: &str, message: Message) {
         return;
     };
     if stream {
+        if let Some(first) = route.first.take() {
+            let _ = first.send(());
+        }
+        if message.payload.is_empty() {
+            if let Some(ended) = route.ended.take() {
+                let _ = ended.send(());
+            }
+        }
         let _ = route.stream.unbounded_send(message);
     } else if let Some(accept) = route.accept.take() {
         let _ = accept.send(message);
@@ -180,6 +226,8 @@ impl Drop for Registration {
 pub struct Incoming {
     buffer: Bytes,
     stream: Stream,
+    /// Server side: the caller must have sent its whole parameter stream by then.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     _call: Arc<Registration>,
 }
 
@@ -194,7 +242,20 @@ impl AsyncRead for Incoming {
             return Poll::Ready(Ok(()));
         }
         if this.buffer.is_empty() {
-            match ready!(this.stream.poll_next_unpin(cx)) {
+            let next = match this.stream.poll_next_unpin(cx) {
+                Poll::Ready(next) => next,
+                Poll::Pending => {
+                    if let Some(deadline) = &mut this.deadline {
+                        ready!(deadline.as_mut().poll(cx));
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the caller did not finish its parameters in time",
+                        )));
+                    }
+                    return Poll::Pending;
+                }
+            };
+            match next {
                 // An empty message ends the stream; so does a closed channel.
                 Some(message) if !message.payload.is_empty() => this.buffer = message.payload,
                 _ => return Poll::Ready(Ok(())),
@@ -220,6 +281,32 @@ pub struct Writer {
     subject: Subject,
     buffer: BytesMut,
     ended: bool,
+    /// Server side: nothing is published before the caller's parameter stream has ended.
+    gate: Option<Gate>,
+}
+
+/// Holds a server's results back until the caller has ended its parameter stream. A caller on
+/// wrpc-transport-nats 0.29 may not be subscribed to its results yet when its accept is lost
+/// (see [`server`]); once its parameters have ended it has had the accept, so it is.
+struct Gate {
+    ended: futures::future::Fuse<oneshot::Receiver<()>>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// Keeps the call's route (and so the end-of-stream signal) alive while results wait.
+    _call: Arc<Registration>,
+}
+
+impl Gate {
+    fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // A dropped sender cannot happen while `_call` holds the route; it opens the gate.
+        if Pin::new(&mut self.ended).poll(cx).is_ready() {
+            return Poll::Ready(Ok(()));
+        }
+        ready!(self.deadline.as_mut().poll(cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the caller did not end its parameters in time; results not sent",
+        )))
+    }
 }
 
 impl Writer {
@@ -229,7 +316,17 @@ impl Writer {
             subject,
             buffer,
             ended: false,
+            gate: None,
         }
+    }
+
+    /// Waits for the gate (if any) to open; after that, never again.
+    fn poll_gate(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(gate) = &mut self.gate {
+            ready!(gate.poll_open(cx))?;
+            self.gate = None;
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// Publishes one message (after waiting for room in the connection's queue).
@@ -271,6 +368,7 @@ impl AsyncWrite for Writer {
         if this.buffer.is_empty() {
             return Poll::Ready(Ok(()));
         }
+        ready!(this.poll_gate(cx))?;
         // `server_info` copies the whole server description: once per flush, not per message.
         let chunk = this.nats.server_info().max_payload.max(1);
         while !this.buffer.is_empty() {
@@ -282,6 +380,7 @@ impl AsyncWrite for Writer {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.as_mut().poll_flush(cx))?;
         let this = self.get_mut();
+        ready!(this.poll_gate(cx))?;
         if !this.ended {
             ready!(this.poll_publish(cx, |_| Bytes::new()))?;
             this.ended = true;

@@ -6,17 +6,20 @@
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
 use async_nats::{Message, Subject};
 use bytes::{Bytes, BytesMut};
 use futures::stream::{self, Stream, StreamExt as _};
-use tracing::warn;
+use futures::FutureExt as _;
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
 use wasmcloud_provider_sdk::provider::invocation_context;
 use wasmcloud_provider_sdk::Context;
 use wrpc_transport_nats::{invocation_subject, result_subject};
 
-use super::{Incoming, Mux, Writer};
+use super::{Gate, Incoming, Mux, Writer};
 
 /// Serves functions of the provider under `<lattice>.<provider id>`, as one of a queue group
 /// (so several instances of the provider would share the calls).
@@ -72,26 +75,56 @@ impl wrpc_transport::Serve for Server {
     }
 }
 
+/// The first re-send of an accept whose caller has sent nothing back; each later one waits
+/// twice as long, up to [`ACCEPT_RESEND_MAX`].
+pub const ACCEPT_RESEND_FIRST: Duration = Duration::from_millis(20);
+pub const ACCEPT_RESEND_MAX: Duration = Duration::from_secs(1);
+/// How long a call waits for its caller's parameters and their end. After that the call is
+/// dropped (no results are sent) and its function goes on with later calls.
+pub const PARAMS_PATIENCE: Duration = Duration::from_secs(30);
+
 /// Registers a call, then accepts it: the caller sends the rest of its parameters (and their
 /// end) to the registered subject, and reads the results from `<its reply>.results`.
+///
+/// A caller on the host's wrpc-transport-nats 0.29 subscribes to the accept and the results
+/// through a command to its demux task *after* publishing the call, and the demux may take our
+/// accept off the wire before it applies that command: the accept is dropped and the caller
+/// would wait forever. So the accept is sent again, after [`ACCEPT_RESEND_FIRST`] and then at
+/// growing intervals, until the first of the caller's parameter messages arrives (which proves
+/// it has the accept); and the results wait until the caller's parameters have ended, so they
+/// cannot arrive before its results subscription. A repeated accept that reaches a caller which
+/// already has one is dropped by it (its handshake subscription is gone or closed).
 async fn accept(
     mux: Arc<Mux>,
     call: Message,
 ) -> anyhow::Result<(Option<Context>, Writer, Incoming)> {
     let reply = call.reply.context("the call named no reply subject")?;
-    let (registration, _, params) = mux.register();
+    let (registration, params, progress) = mux.register_served();
     mux.nats
         .publish_with_reply(reply.clone(), registration.subject.clone(), Bytes::new())
         .await
         .context("failed to accept the call")?;
-    let results = Writer::new(
+    tokio::spawn(resend_accept(
+        mux.nats.clone(),
+        reply.clone(),
+        registration.subject.clone(),
+        progress.first,
+    ));
+    let deadline = tokio::time::Instant::now() + PARAMS_PATIENCE;
+    let mut results = Writer::new(
         mux.nats.clone(),
         Subject::from(result_subject(&reply)),
         BytesMut::new(),
     );
+    results.gate = Some(Gate {
+        ended: progress.ended.fuse(),
+        deadline: Box::pin(tokio::time::sleep_until(deadline)),
+        _call: Arc::clone(&registration),
+    });
     let params = Incoming {
         buffer: call.payload,
         stream: params,
+        deadline: Some(Box::pin(tokio::time::sleep_until(deadline))),
         _call: registration,
     };
     Ok((
@@ -99,6 +132,40 @@ async fn accept(
         results,
         params,
     ))
+}
+
+/// Sends the accept again until the caller's first parameter message arrives (`first` fires),
+/// the call ends (`first`'s sender is dropped with the call's route) or [`PARAMS_PATIENCE`]
+/// has passed.
+async fn resend_accept(
+    nats: async_nats::Client,
+    reply: Subject,
+    subject: Subject,
+    mut first: oneshot::Receiver<()>,
+) {
+    let give_up = tokio::time::Instant::now() + PARAMS_PATIENCE;
+    let mut delay = ACCEPT_RESEND_FIRST;
+    let mut sent = 0u32;
+    loop {
+        tokio::select! {
+            _ = &mut first => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        if tokio::time::Instant::now() >= give_up {
+            warn!(%reply, sent, "the caller never answered the accept of its call; gave up");
+            return;
+        }
+        sent += 1;
+        debug!(%reply, sent, "no parameters yet: accept sent again");
+        if nats
+            .publish_with_reply(reply.clone(), subject.clone(), Bytes::new())
+            .await
+            .is_err()
+        {
+            return;
+        }
+        delay = (delay * 2).min(ACCEPT_RESEND_MAX);
+    }
 }
 
 /// What `wit-bindgen-wrpc`'s generated `serve` returns: per function, its calls, each a future

@@ -141,7 +141,13 @@ fn build_components() -> Result<PathBuf> {
 
 /// Writes a PAR holding the freshly built provider binary.
 pub async fn provider_par(dir: &Path) -> Result<PathBuf> {
-    let bin = std::fs::read(provider_binary()?).context("failed to read the provider binary")?;
+    par_of(&provider_binary()?, dir).await
+}
+
+/// Writes a PAR holding the provider binary `binary`.
+pub async fn par_of(binary: &Path, dir: &Path) -> Result<PathBuf> {
+    let bin = std::fs::read(binary)
+        .with_context(|| format!("failed to read the provider binary {}", binary.display()))?;
     let mut par = provider_archive::ProviderArchive::new("messaging-websocket", "test", None, None);
     par.add_library(
         &format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
@@ -182,21 +188,7 @@ impl Env {
         otel: wasmcloud_core::OtelConfig,
         provider_config: &[(&str, &str)],
     ) -> Result<Self> {
-        let nats = Nats::start().await?;
-        let tmp = tempfile::tempdir()?;
-        let (host_id, shutdown) = start_host(&nats.url, otel).await?;
-        let client = async_nats::connect(&nats.url).await?;
-        let ctl = ClientBuilder::new(client.clone())
-            .lattice(LATTICE.to_string())
-            .build();
-        let env = Self {
-            nats,
-            host: Some(shutdown),
-            ctl,
-            client,
-            host_id,
-            tmp,
-        };
+        let env = Self::start_bare_with(otel).await?;
         if provider_config.is_empty() {
             env.start_provider(&[]).await?;
         } else {
@@ -206,9 +198,45 @@ impl Env {
         Ok(env)
     }
 
+    /// NATS and a host, with no provider yet.
+    pub async fn start_bare() -> Result<Self> {
+        Self::start_bare_with(wasmcloud_core::OtelConfig::default()).await
+    }
+
+    async fn start_bare_with(otel: wasmcloud_core::OtelConfig) -> Result<Self> {
+        let nats = Nats::start().await?;
+        let tmp = tempfile::tempdir()?;
+        let (host_id, shutdown) = start_host(&nats.url, otel).await?;
+        let client = async_nats::connect(&nats.url).await?;
+        // The control client's default of 2 s for an acknowledgement is too short for a host
+        // on a machine whose cores are busy (a component scale timed out that way).
+        let ctl = ClientBuilder::new(client.clone())
+            .lattice(LATTICE.to_string())
+            .timeout(Duration::from_secs(30))
+            .build();
+        Ok(Self {
+            nats,
+            host: Some(shutdown),
+            ctl,
+            client,
+            host_id,
+            tmp,
+        })
+    }
+
+    /// Starts another provider binary under this environment's provider ID.
+    pub async fn start_provider_binary(&self, binary: &Path) -> Result<()> {
+        let par = par_of(binary, self.tmp.path()).await?;
+        self.start_par(&par, &[]).await
+    }
+
     pub async fn start_provider(&self, config: &[&str]) -> Result<()> {
         let par = provider_par(self.tmp.path()).await?;
-        let url = url::Url::from_file_path(&par).map_err(|()| anyhow!("bad PAR path"))?;
+        self.start_par(&par, config).await
+    }
+
+    async fn start_par(&self, par: &Path, config: &[&str]) -> Result<()> {
+        let url = url::Url::from_file_path(par).map_err(|()| anyhow!("bad PAR path"))?;
         assert_start_provider(StartProviderArgs {
             client: &self.ctl,
             host_id: &self.host_id,
