@@ -3,12 +3,14 @@
 //! component (`tests/components/echo`, built for `wasm32-wasip2`) answering every frame through
 //! the provider, on a server-mode link.
 //!
-//! Prints `READY <ws url> <provider pid> <nats pid>` once the listener accepts connections, then
+//! Prints `READY <ws url> <provider pid> <nats pid> <nats url>` once the listener accepts connections, then
 //! runs until its standard input closes (the benchmark holds the other end), and stops the host.
 //!
 //! Environment (set by the benchmark):
 //! - `PWASM_LINK_CONFIG=KEY=VALUE,...`: more config on the server-mode link (`MAX_IN_FLIGHT=64`);
 //! - `PWASM_PROVIDER_CONFIG=KEY=VALUE,...`: the provider's own config (`RUNTIME_THREADS=2`);
+//! - `PWASM_PROVIDER_BINARY=<binary>`: start that build of our provider (an earlier commit's,
+//!   to compare in one run) instead of the one next to this example;
 //! - `PWASM_NATS_PROVIDER=<binary>`: run that binary (the first-party NATS messaging provider,
 //!   `bench/nats-provider`) in place of ours, the same component linked to it, subscribed to
 //!   `bench.echo`; the READY line then names the `nats://` URL to send requests to.
@@ -58,7 +60,7 @@ fn refs(pairs: &[(String, String)]) -> Vec<(&str, &str)> {
 /// The NATS messaging provider under the same host, with the same component, answering
 /// requests on `bench.echo` (its link keys are read in lower case only).
 async fn nats_provider(env: &common::Env, binary: &str) -> Result<String> {
-    env.start_provider_binary(std::path::Path::new(binary))
+    env.start_provider_binary(std::path::Path::new(binary), &[])
         .await?;
     env.component_scaled("test_echo", "bench", INSTANCES)
         .await?;
@@ -91,8 +93,20 @@ async fn nats_provider(env: &common::Env, binary: &str) -> Result<String> {
 async fn main() -> Result<()> {
     let provider_config = pairs("PWASM_PROVIDER_CONFIG");
     let nats_binary = std::env::var("PWASM_NATS_PROVIDER").ok();
+    let other_build = std::env::var("PWASM_PROVIDER_BINARY").ok();
     let env = if nats_binary.is_some() {
         common::Env::start_bare().await?
+    } else if let Some(binary) = &other_build {
+        let env = common::Env::start_bare().await?;
+        let mut config = Vec::new();
+        if !provider_config.is_empty() {
+            env.config("provider-config", &refs(&provider_config))
+                .await?;
+            config.push("provider-config");
+        }
+        env.start_provider_binary(std::path::Path::new(binary), &config)
+            .await?;
+        env
     } else {
         common::Env::start_with(Default::default(), &refs(&provider_config)).await?
     };
@@ -106,7 +120,7 @@ async fn main() -> Result<()> {
     };
     let nats = env.nats.pid().context("nats-server has no pid")?;
     let provider = provider_pid(nats).context("the host started no provider process")?;
-    println!("READY {url} {provider} {nats}");
+    println!("READY {url} {provider} {nats} {}", env.nats.url);
     let mut sink = Vec::new();
     let _ = tokio::io::stdin().read_to_end(&mut sink).await;
     env.stop().await

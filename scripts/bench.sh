@@ -14,9 +14,13 @@ extra=()
 case " $* " in
   *" --quick "*) ;;
   *)
-    # P-wasm's host, in release (the first build takes 15-20 minutes on 2 cores).
+    # P-wasm's host, in release (the first build takes 15-20 minutes on 2 cores), and the
+    # first-party NATS messaging provider for the host-path comparison.
     cargo build --locked --release --example pwasm
-    extra=(--pwasm "$target_dir/release/examples/pwasm")
+    (cd bench/nats-provider && cargo build --locked --release)
+    nats_target="${CARGO_TARGET_DIR:-$PWD/bench/nats-provider/target}"
+    extra=(--pwasm "$target_dir/release/examples/pwasm"
+      --nats-provider "$nats_target/release/nats-messaging-provider")
     ;;
 esac
 exec "$bench_target/release/ws-provider-bench" --provider "$target_dir/release/messaging-websocket-provider" "${extra[@]}" "$@"

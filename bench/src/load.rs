@@ -137,29 +137,29 @@ const HEADER: usize = 9;
 
 /// A message: `#` (so a component never mistakes it for a `!command`), the sequence number
 /// (8 bytes, little-endian), then filler up to `size`.
-fn frame(seq: u64, size: usize) -> Vec<u8> {
+pub(crate) fn frame(seq: u64, size: usize) -> Vec<u8> {
     let mut f = vec![b'x'; size.max(HEADER)];
     f[0] = b'#';
     f[1..HEADER].copy_from_slice(&seq.to_le_bytes());
     f
 }
 
-fn seq_of(payload: &[u8]) -> Option<u64> {
+pub(crate) fn seq_of(payload: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(payload.get(1..HEADER)?.try_into().ok()?))
 }
 
-enum Tx {
+pub(crate) enum Tx {
     Tcp(OwnedWriteHalf),
     Ws(SplitSink<Ws, Message>),
 }
 
-enum Rx {
+pub(crate) enum Rx {
     Tcp(OwnedReadHalf, Vec<u8>),
     Ws(SplitStream<Ws>),
 }
 
 impl Tx {
-    async fn feed(&mut self, f: Vec<u8>) -> Result<()> {
+    pub(crate) async fn feed(&mut self, f: Vec<u8>) -> Result<()> {
         match self {
             Tx::Tcp(w) => w.write_all(&f).await?,
             Tx::Ws(w) => w.feed(Message::binary(f)).await?,
@@ -167,7 +167,7 @@ impl Tx {
         Ok(())
     }
 
-    async fn flush(&mut self) -> Result<()> {
+    pub(crate) async fn flush(&mut self) -> Result<()> {
         match self {
             Tx::Tcp(w) => w.flush().await?,
             Tx::Ws(w) => w.flush().await?,
@@ -178,7 +178,7 @@ impl Tx {
 
 impl Rx {
     /// The sequence number of the next echo.
-    async fn next(&mut self) -> Result<u64> {
+    pub(crate) async fn next(&mut self) -> Result<u64> {
         match self {
             Rx::Tcp(r, buf) => {
                 r.read_exact(buf).await?;
@@ -198,7 +198,11 @@ impl Rx {
     }
 }
 
-async fn open_stream(target: &Target, sources: &Sources, size: usize) -> Result<(Tx, Rx)> {
+pub(crate) async fn open_stream(
+    target: &Target,
+    sources: &Sources,
+    size: usize,
+) -> Result<(Tx, Rx)> {
     Ok(match target {
         Target::Tcp(port) => {
             let (r, w) = sources.connect(*port).await?.into_split();
@@ -248,19 +252,22 @@ async fn stream_session(
             let start = Instant::now();
             let mut seq = 0u64;
             while !pace.done(seq) {
-                let at = match pace {
+                let scheduled = match pace {
                     Pace::Open { interval, .. } => {
                         let at = start + interval * seq as u32;
                         tokio::time::sleep_until(at.into()).await;
-                        at
+                        Some(at)
                     }
-                    Pace::Closed { .. } => Instant::now(),
+                    Pace::Closed { .. } => None,
                 };
                 // Take what the window allows now, feed those frames, flush once.
                 let Ok(p) = permits.acquire().await else {
                     return;
                 };
                 p.forget();
+                // Closed loop: a round trip starts when its frame goes out, not while the
+                // sender waits for room in the window (that counted the previous echo too).
+                let at = scheduled.unwrap_or_else(Instant::now);
                 let mut batch = 1;
                 if matches!(pace, Pace::Closed { .. }) {
                     while batch < 32 && !pace.done(seq + batch) {

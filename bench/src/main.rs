@@ -23,6 +23,7 @@
 //! prints the NATS messages of a few P echoes with their times; `BENCH_FANOUT_REPEAT=N` fans
 //! out to all N more times (to profile that path).
 
+mod hostpath;
 mod load;
 mod procs;
 mod standin;
@@ -309,6 +310,23 @@ async fn main() -> Result<()> {
             idle: if focus { 0 } else { 19_000 },
         }
     };
+    // The host path (real host, wasm component; ours in several configurations beside the
+    // NATS messaging provider): `--host-path` runs only that; the full suite runs it last.
+    let nats_provider = arg("--nats-provider");
+    if args.iter().any(|a| a == "--sniff-host") {
+        let pwasm = arg("--pwasm").context("--sniff-host needs --pwasm")?;
+        let variants = hostpath::variants(None);
+        let which = arg("--variant")
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        let variant = variants.get(which).context("no such variant")?;
+        return hostpath::sniff(&pwasm, variant, opts.duration).await;
+    }
+    if args.iter().any(|a| a == "--host-path") {
+        let pwasm = arg("--pwasm").context("--host-path needs --pwasm")?;
+        hostpath::run(&pwasm, nats_provider.as_deref(), opts.duration).await?;
+        return Ok(());
+    }
     let idle_before = procs::idle_percent(Duration::from_secs(1))
         .await
         .unwrap_or(0.0);
@@ -709,6 +727,11 @@ async fn main() -> Result<()> {
         host.stop().await;
     }
     drop((provider, tcp_server, ws_server, standin_proc, nats));
+    if !opts.quick && !opts.focus && only.is_none() {
+        if let Some(pwasm) = arg("--pwasm") {
+            hostpath::run(&pwasm, nats_provider.as_deref(), opts.duration).await?;
+        }
+    }
     if opts.quick {
         // The CI smoke fails only on gross regressions, by ratio or by lost/misordered messages,
         // never by absolute time.

@@ -99,7 +99,12 @@ pub fn spawn_self(args: &[&str]) -> Result<Child> {
 /// component) in its own process; it runs until its standard input closes ([`WasmHost::stop`]).
 pub struct WasmHost {
     pub child: Child,
+    /// The URL clients use: `ws://...` (the provider's listener) or `nats://...` (the NATS
+    /// messaging provider's lattice).
+    pub url: String,
     pub port: u16,
+    /// The host's lattice, when the READY line names it (a fourth word).
+    pub nats_url: Option<String>,
     /// The provider process (started by the host), and the host's own `nats-server`.
     pub provider: u32,
     pub nats: u32,
@@ -107,8 +112,14 @@ pub struct WasmHost {
 
 impl WasmHost {
     pub async fn start(example: &str) -> Result<Self> {
+        Self::start_with(example, &[]).await
+    }
+
+    /// Starts the example with `env` (see `examples/pwasm.rs` for the variables it reads).
+    pub async fn start_with(example: &str, env: &[(&str, String)]) -> Result<Self> {
         use tokio::io::AsyncBufReadExt as _;
         let mut child = Command::new(example)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -136,8 +147,11 @@ impl WasmHost {
             .rsplit_once(':')
             .and_then(|(_, p)| p.trim_end_matches('/').parse().ok())
             .with_context(|| format!("no port in {url}"))?;
+        let nats_url = words.next().map(str::to_string);
         Ok(Self {
             child,
+            url: url.to_string(),
+            nats_url,
             port,
             provider: provider.parse()?,
             nats: nats.parse()?,

@@ -224,10 +224,11 @@ impl Env {
         })
     }
 
-    /// Starts another provider binary under this environment's provider ID.
-    pub async fn start_provider_binary(&self, binary: &Path) -> Result<()> {
+    /// Starts another provider binary under this environment's provider ID, with the named
+    /// config.
+    pub async fn start_provider_binary(&self, binary: &Path, config: &[&str]) -> Result<()> {
         let par = par_of(binary, self.tmp.path()).await?;
-        self.start_par(&par, &[]).await
+        self.start_par(&par, config).await
     }
 
     pub async fn start_provider(&self, config: &[&str]) -> Result<()> {
