@@ -416,19 +416,32 @@ pub fn report(rows: &[Row]) -> u64 {
             check(r.rate >= 3.0 * base)
         );
     }
-    for scenario in ["1x1", "100x1", "burst 1x20000", "1000x5"] {
-        if let (Some(ours), Some(theirs)) = (
-            get("ws, MAX_IN_FLIGHT=64", scenario),
-            get("nats provider", scenario),
-        ) {
-            println!(
-                "- vs the NATS provider, {scenario}: ours/theirs rate {:.2}, provider CPU {}",
-                ours.rate / theirs.rate.max(1e-9),
-                match (ours.cpu[0], theirs.cpu[0]) {
-                    (Some(a), Some(b)) => format!("{:.2}", a / b.max(1e-9)),
-                    _ => "-".into(),
-                }
-            );
+    for (ours_label, ours_name) in [
+        ("ws, defaults", "defaults, order kept"),
+        ("ws, MAX_IN_FLIGHT=64", "MAX_IN_FLIGHT=64"),
+    ] {
+        for scenario in ["1x1", "100x1", "burst 1x20000", "1000x5"] {
+            if let (Some(ours), Some(theirs)) =
+                (get(ours_label, scenario), get("nats provider", scenario))
+            {
+                let rate = ours.rate / theirs.rate.max(1e-9);
+                let cpu = match (ours.cpu[0], theirs.cpu[0]) {
+                    (Some(a), Some(b)) => Some(a / b.max(1e-9)),
+                    _ => None,
+                };
+                let rss = match (ours.peak_rss_mib, theirs.peak_rss_mib) {
+                    (Some(a), Some(b)) => Some(a / b.max(1e-9)),
+                    _ => None,
+                };
+                let beaten =
+                    rate >= 1.0 && cpu.is_some_and(|c| c <= 1.0) && rss.is_some_and(|m| m <= 1.0);
+                println!(
+                    "- vs the NATS provider ({ours_name}), {scenario}: rate {rate:.2}, provider CPU {}, peak RSS {} -> {}",
+                    cpu.map_or("-".into(), |c| format!("{c:.2}")),
+                    rss.map_or("-".into(), |m| format!("{m:.2}")),
+                    if beaten { "beaten" } else { "NOT beaten" }
+                );
+            }
         }
     }
     lost
@@ -563,49 +576,62 @@ fn timeline(seen: &[Seen]) {
     ];
     let mut waits: Vec<Vec<u64>> = vec![Vec::new(); steps.len()];
     let mut followed = 0;
+    let mut slowest: Option<(u64, Vec<u64>)> = None;
+    // Calls that stopped at a hop: the hop's index (0: no accept from the host, ...).
+    let mut stuck = vec![0u32; steps.len()];
     for s in seen {
         if !s.subject.ends_with("handler@0.2.0.handle-message") {
             continue;
         }
-        let Some(r1) = s.reply.as_deref() else {
-            continue;
-        };
-        let Some(&(t_accept, Some(s1))) = first.get(r1) else {
-            continue;
-        };
-        let Some(&(t_eos, _)) = first.get(format!("{s1}.params").as_str()) else {
-            continue;
-        };
-        let Some(key) = echo_key(&s.payload) else {
-            continue;
-        };
-        let Some(publish) = publishes.get(&key) else {
-            continue;
-        };
-        let Some(r2) = publish.reply.as_deref() else {
-            continue;
-        };
-        let Some(&(t_accept2, Some(s2))) = first.get(r2) else {
-            continue;
-        };
-        let Some(&(t_eos2, _)) = first.get(format!("{s2}.params").as_str()) else {
-            continue;
-        };
-        let Some(&(t_res2, _)) = first.get(format!("{r2}.results").as_str()) else {
-            continue;
-        };
-        let Some(&(t_res1, _)) = first.get(format!("{r1}.results").as_str()) else {
-            continue;
-        };
-        let times = [
-            s.at, t_accept, t_eos, publish.at, t_accept2, t_eos2, t_res2, t_res1,
+        let Some(r1) = s.reply.as_deref() else { continue };
+        let Some(key) = echo_key(&s.payload) else { continue };
+        let accept = first.get(r1).copied();
+        let eos = accept
+            .and_then(|(_, s1)| s1)
+            .and_then(|s1| first.get(format!("{s1}.params").as_str()).copied());
+        let publish = publishes.get(&key).copied();
+        let r2 = publish.and_then(|p| p.reply.as_deref());
+        let accept2 = r2.and_then(|r2| first.get(r2).copied());
+        let eos2 = accept2
+            .and_then(|(_, s2)| s2)
+            .and_then(|s2| first.get(format!("{s2}.params").as_str()).copied());
+        let res2 = r2.and_then(|r2| first.get(format!("{r2}.results").as_str()).copied());
+        let res1 = first.get(format!("{r1}.results").as_str()).copied();
+        let steps_at = [
+            accept.map(|a| a.0),
+            eos.map(|e| e.0),
+            publish.map(|p| p.at),
+            accept2.map(|a| a.0),
+            eos2.map(|e| e.0),
+            res2.map(|r| r.0),
+            res1.map(|r| r.0),
         ];
-        for (k, w) in times.windows(2).enumerate() {
-            waits[k].push(w[1].saturating_sub(w[0]).as_micros() as u64);
+        if let Some(missing) = steps_at.iter().position(Option::is_none) {
+            stuck[missing] += 1;
+            continue;
+        }
+        let times: Vec<Duration> = std::iter::once(s.at)
+            .chain(steps_at.iter().flatten().copied())
+            .collect();
+        let hops: Vec<u64> = times
+            .windows(2)
+            .map(|w| w[1].saturating_sub(w[0]).as_micros() as u64)
+            .collect();
+        for (k, w) in hops.iter().enumerate() {
+            waits[k].push(*w);
+        }
+        let total = hops.iter().sum::<u64>();
+        if slowest.as_ref().is_none_or(|(t, _)| total > *t) {
+            slowest = Some((total, hops));
         }
         followed += 1;
     }
     println!("followed {followed} echoes hop by hop:\n");
+    for (step, n) in steps.iter().zip(&stuck) {
+        if *n > 0 {
+            println!("- {n} calls never got past: {step}");
+        }
+    }
     println!("| hop | p50 us | p90 us | p99 us |");
     println!("| --- | ---: | ---: | ---: |");
     for (step, mut w) in steps.iter().zip(waits) {

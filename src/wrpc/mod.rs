@@ -40,7 +40,7 @@ use std::collections::HashMap;
 use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 
@@ -61,10 +61,21 @@ struct Route {
     accept: Option<oneshot::Sender<Message>>,
     /// `<inbox>.<n>.results` (client side) or `<inbox>.<n>.params` (server side).
     stream: mpsc::UnboundedSender<Message>,
-    /// Fired by the first message of the stream: the other side is there.
-    first: Option<oneshot::Sender<()>>,
+    /// Server side: what the caller has done so far.
+    served: Option<Arc<Served>>,
     /// Fired by the end of the stream (an empty message).
     ended: Option<oneshot::Sender<()>>,
+}
+
+/// What a served call's caller has done, shared by the demux (which sets `params_seen` at the
+/// caller's first parameter message), the accept re-sender and the results writer.
+#[derive(Default)]
+struct Served {
+    /// The caller has sent parameters (or their end): it has the accept, and so it is
+    /// subscribed to its results.
+    params_seen: AtomicBool,
+    /// The accept was sent again: results sent before the caller's parameters may be lost.
+    accept_resent: AtomicBool,
 }
 
 type Routes = Arc<Mutex<HashMap<u64, Route>>>;
@@ -124,25 +135,32 @@ impl Mux {
         let registration = self.insert(Route {
             accept: Some(accept_tx),
             stream: stream_tx,
-            first: None,
+            served: None,
             ended: None,
         });
         (registration, accept, stream)
     }
 
-    /// Registers a call to serve: like [`Mux::register`], and also reports the first message
-    /// of the caller's parameter stream and its end (how the server knows its accept arrived).
-    fn register_served(&self) -> (Arc<Registration>, Stream, Progress) {
+    /// Registers a call to serve: like [`Mux::register`], and also tracks the caller's
+    /// parameter stream (how the server knows its accept arrived) and signals its end.
+    fn register_served(
+        &self,
+    ) -> (
+        Arc<Registration>,
+        Stream,
+        Arc<Served>,
+        oneshot::Receiver<()>,
+    ) {
         let (stream_tx, stream) = mpsc::unbounded();
-        let (first_tx, first) = oneshot::channel();
         let (ended_tx, ended) = oneshot::channel();
+        let served = Arc::new(Served::default());
         let registration = self.insert(Route {
             accept: None,
             stream: stream_tx,
-            first: Some(first_tx),
+            served: Some(Arc::clone(&served)),
             ended: Some(ended_tx),
         });
-        (registration, stream, Progress { first, ended })
+        (registration, stream, served, ended)
     }
 
     fn insert(&self, route: Route) -> Arc<Registration> {
@@ -161,13 +179,6 @@ impl Mux {
 }
 
 type Stream = mpsc::UnboundedReceiver<Message>;
-
-/// How far the other side of a call has got with its stream: `first` fires at its first
-/// message, `ended` at its end. A dropped sender (the call ended) reads as an error.
-struct Progress {
-    first: oneshot::Receiver<()>,
-    ended: oneshot::Receiver<()>,
-}
 
 /// Hands one message to its call: `<inbox>.<n>` is an accept, `<inbox>.<n>.<stream>` a part
 /// of the call's incoming stream.
@@ -193,8 +204,8 @@ fn route(routes: &Routes, prefix: &str, message: Message) {
         return;
     };
     if stream {
-        if let Some(first) = route.first.take() {
-            let _ = first.send(());
+        if let Some(served) = &route.served {
+            served.params_seen.store(true, Ordering::Release);
         }
         if message.payload.is_empty() {
             if let Some(ended) = route.ended.take() {
@@ -281,31 +292,46 @@ pub struct Writer {
     subject: Subject,
     buffer: BytesMut,
     ended: bool,
-    /// Server side: nothing is published before the caller's parameter stream has ended.
-    gate: Option<Gate>,
+    /// Server side: holds the end of the results until the caller is known to have them.
+    confirm: Option<Box<Confirm>>,
 }
 
-/// Holds a server's results back until the caller has ended its parameter stream. A caller on
-/// wrpc-transport-nats 0.29 may not be subscribed to its results yet when its accept is lost
-/// (see [`server`]); once its parameters have ended it has had the accept, so it is.
-struct Gate {
+/// A caller on wrpc-transport-nats 0.29 whose accept was lost (see [`server`]) is not yet
+/// subscribed to its results, and loses what arrives before it is. So a server's results go
+/// out at once (the caller decodes them as soon as they arrive), but their end waits until the
+/// caller has ended its parameters, which it does only once it has the accept, and so its
+/// results subscription; if the accept had to be sent again, the results sent before the
+/// caller's parameters are sent again first. A caller that got the first copy has its value
+/// and drops the second. Results that need more than one message wait for the caller's
+/// parameters before any is sent (a caller must never see the second part without the first).
+struct Confirm {
+    served: Arc<Served>,
     ended: futures::future::Fuse<oneshot::Receiver<()>>,
     deadline: Pin<Box<tokio::time::Sleep>>,
-    /// Keeps the call's route (and so the end-of-stream signal) alive while results wait.
+    /// Published before the caller's parameters were seen, in order.
+    sent: Vec<Bytes>,
+    /// How many of `sent` have been published again.
+    replayed: usize,
+    /// Keeps the call's route (and so the end-of-stream signal) alive until then.
     _call: Arc<Registration>,
 }
 
-impl Gate {
-    fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // A dropped sender cannot happen while `_call` holds the route; it opens the gate.
+impl Confirm {
+    /// Waits for the caller's end of parameters; `Err` once the deadline has passed.
+    fn poll_ended(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // A dropped sender cannot happen while `_call` holds the route; it counts as ended.
         if Pin::new(&mut self.ended).poll(cx).is_ready() {
             return Poll::Ready(Ok(()));
         }
         ready!(self.deadline.as_mut().poll(cx));
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
-            "the caller did not end its parameters in time; results not sent",
+            "the caller did not end its parameters in time; the end of the results not sent",
         )))
+    }
+
+    fn params_seen(&self) -> bool {
+        self.served.params_seen.load(Ordering::Acquire)
     }
 }
 
@@ -316,16 +342,37 @@ impl Writer {
             subject,
             buffer,
             ended: false,
-            gate: None,
+            confirm: None,
         }
     }
 
-    /// Waits for the gate (if any) to open; after that, never again.
-    fn poll_gate(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let Some(gate) = &mut self.gate {
-            ready!(gate.poll_open(cx))?;
-            self.gate = None;
+    /// Before the end of the results: waits for the caller's end of parameters and publishes
+    /// again what it may have missed (see [`Confirm`]).
+    fn poll_confirm(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(confirm) = &mut self.confirm else {
+            return Poll::Ready(Ok(()));
+        };
+        ready!(confirm.poll_ended(cx))?;
+        if confirm.served.accept_resent.load(Ordering::Acquire) {
+            while confirm.replayed < confirm.sent.len() {
+                ready!(Pin::new(&mut self.nats).poll_ready(cx)).map_err(io::Error::other)?;
+                let message = PublishMessage {
+                    subject: self.subject.clone(),
+                    payload: confirm.sent[confirm.replayed].clone(),
+                    reply: None,
+                    headers: None,
+                };
+                Pin::new(&mut self.nats)
+                    .start_send(message)
+                    .map_err(io::Error::other)?;
+                confirm.replayed += 1;
+            }
+            if !confirm.sent.is_empty() {
+                debug!(subject = %self.subject, messages = confirm.sent.len(),
+                    "results sent again after a re-sent accept");
+            }
         }
+        self.confirm = None;
         Poll::Ready(Ok(()))
     }
 
@@ -336,9 +383,15 @@ impl Writer {
         payload: impl FnOnce(&mut BytesMut) -> Bytes,
     ) -> Poll<io::Result<()>> {
         ready!(Pin::new(&mut self.nats).poll_ready(cx)).map_err(io::Error::other)?;
+        let payload = payload(&mut self.buffer);
+        if let Some(confirm) = &mut self.confirm {
+            if !payload.is_empty() && !confirm.params_seen() {
+                confirm.sent.push(payload.clone());
+            }
+        }
         let message = PublishMessage {
             subject: self.subject.clone(),
-            payload: payload(&mut self.buffer),
+            payload,
             reply: None,
             headers: None,
         };
@@ -368,9 +421,13 @@ impl AsyncWrite for Writer {
         if this.buffer.is_empty() {
             return Poll::Ready(Ok(()));
         }
-        ready!(this.poll_gate(cx))?;
         // `server_info` copies the whole server description: once per flush, not per message.
         let chunk = this.nats.server_info().max_payload.max(1);
+        if let Some(confirm) = &mut this.confirm {
+            if this.buffer.len() > chunk && !confirm.params_seen() {
+                ready!(confirm.poll_ended(cx))?;
+            }
+        }
         while !this.buffer.is_empty() {
             ready!(this.poll_publish(cx, |b| b.split_to(chunk.min(b.len())).freeze()))?;
         }
@@ -380,7 +437,7 @@ impl AsyncWrite for Writer {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.as_mut().poll_flush(cx))?;
         let this = self.get_mut();
-        ready!(this.poll_gate(cx))?;
+        ready!(this.poll_confirm(cx))?;
         if !this.ended {
             ready!(this.poll_publish(cx, |_| Bytes::new()))?;
             this.ended = true;

@@ -5,7 +5,8 @@
 
 use std::future::Future;
 use std::pin::{pin, Pin};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
@@ -13,13 +14,12 @@ use async_nats::{Message, Subject};
 use bytes::{Bytes, BytesMut};
 use futures::stream::{self, Stream, StreamExt as _};
 use futures::FutureExt as _;
-use tokio::sync::oneshot;
 use tracing::{debug, warn};
 use wasmcloud_provider_sdk::provider::invocation_context;
 use wasmcloud_provider_sdk::Context;
 use wrpc_transport_nats::{invocation_subject, result_subject};
 
-use super::{Gate, Incoming, Mux, Writer};
+use super::{Confirm, Incoming, Mux, Served, Writer};
 
 /// Serves functions of the provider under `<lattice>.<provider id>`, as one of a queue group
 /// (so several instances of the provider would share the calls).
@@ -91,15 +91,16 @@ pub const PARAMS_PATIENCE: Duration = Duration::from_secs(30);
 /// accept off the wire before it applies that command: the accept is dropped and the caller
 /// would wait forever. So the accept is sent again, after [`ACCEPT_RESEND_FIRST`] and then at
 /// growing intervals, until the first of the caller's parameter messages arrives (which proves
-/// it has the accept); and the results wait until the caller's parameters have ended, so they
-/// cannot arrive before its results subscription. A repeated accept that reaches a caller which
-/// already has one is dropped by it (its handshake subscription is gone or closed).
+/// it has the accept). Results sent before that may have been dropped the same way: the end of
+/// the results waits for the caller's end of parameters, and results it may have missed are
+/// sent again before it (see [`Confirm`]). A repeated accept that reaches a caller which already
+/// has one is dropped by it (its handshake subscription is gone or closed).
 async fn accept(
     mux: Arc<Mux>,
     call: Message,
 ) -> anyhow::Result<(Option<Context>, Writer, Incoming)> {
     let reply = call.reply.context("the call named no reply subject")?;
-    let (registration, params, progress) = mux.register_served();
+    let (registration, params, served, ended) = mux.register_served();
     mux.nats
         .publish_with_reply(reply.clone(), registration.subject.clone(), Bytes::new())
         .await
@@ -108,7 +109,7 @@ async fn accept(
         mux.nats.clone(),
         reply.clone(),
         registration.subject.clone(),
-        progress.first,
+        Arc::downgrade(&served),
     ));
     let deadline = tokio::time::Instant::now() + PARAMS_PATIENCE;
     let mut results = Writer::new(
@@ -116,11 +117,14 @@ async fn accept(
         Subject::from(result_subject(&reply)),
         BytesMut::new(),
     );
-    results.gate = Some(Gate {
-        ended: progress.ended.fuse(),
+    results.confirm = Some(Box::new(Confirm {
+        served,
+        ended: ended.fuse(),
         deadline: Box::pin(tokio::time::sleep_until(deadline)),
+        sent: Vec::new(),
+        replayed: 0,
         _call: Arc::clone(&registration),
-    });
+    }));
     let params = Incoming {
         buffer: call.payload,
         stream: params,
@@ -134,27 +138,32 @@ async fn accept(
     ))
 }
 
-/// Sends the accept again until the caller's first parameter message arrives (`first` fires),
-/// the call ends (`first`'s sender is dropped with the call's route) or [`PARAMS_PATIENCE`]
-/// has passed.
+/// Sends the accept again until the caller's first parameter message has arrived, the call
+/// has ended (`served` is gone with the call's route and results) or [`PARAMS_PATIENCE`] has
+/// passed.
 async fn resend_accept(
     nats: async_nats::Client,
     reply: Subject,
     subject: Subject,
-    mut first: oneshot::Receiver<()>,
+    served: Weak<Served>,
 ) {
     let give_up = tokio::time::Instant::now() + PARAMS_PATIENCE;
     let mut delay = ACCEPT_RESEND_FIRST;
     let mut sent = 0u32;
     loop {
-        tokio::select! {
-            _ = &mut first => return,
-            () = tokio::time::sleep(delay) => {}
+        tokio::time::sleep(delay).await;
+        let Some(served) = served.upgrade() else {
+            return;
+        };
+        if served.params_seen.load(Ordering::Acquire) {
+            return;
         }
         if tokio::time::Instant::now() >= give_up {
             warn!(%reply, sent, "the caller never answered the accept of its call; gave up");
             return;
         }
+        served.accept_resent.store(true, Ordering::Release);
+        drop(served);
         sent += 1;
         debug!(%reply, sent, "no parameters yet: accept sent again");
         if nats
