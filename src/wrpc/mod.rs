@@ -237,8 +237,9 @@ impl Drop for Registration {
 pub struct Incoming {
     buffer: Bytes,
     stream: Stream,
-    /// Server side: the caller must have sent its whole parameter stream by then.
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Server side: the caller must have sent its whole parameter stream by then (a timer is
+    /// made only if the stream has to be waited for).
+    deadline: Option<Deadline>,
     _call: Arc<Registration>,
 }
 
@@ -257,7 +258,7 @@ impl AsyncRead for Incoming {
                 Poll::Ready(next) => next,
                 Poll::Pending => {
                     if let Some(deadline) = &mut this.deadline {
-                        ready!(deadline.as_mut().poll(cx));
+                        ready!(deadline.poll(cx));
                         return Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::TimedOut,
                             "the caller did not finish its parameters in time",
@@ -276,6 +277,26 @@ impl AsyncRead for Incoming {
         buf.put_slice(&this.buffer[..n]);
         this.buffer.advance(n);
         Poll::Ready(Ok(()))
+    }
+}
+
+/// A point in time, with its timer made the first time it is waited for.
+pub(crate) struct Deadline {
+    at: tokio::time::Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Deadline {
+    pub(crate) fn at(at: tokio::time::Instant) -> Self {
+        Self { at, timer: None }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let at = self.at;
+        self.timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)))
+            .as_mut()
+            .poll(cx)
     }
 }
 
@@ -307,7 +328,7 @@ pub struct Writer {
 struct Confirm {
     served: Arc<Served>,
     ended: futures::future::Fuse<oneshot::Receiver<()>>,
-    deadline: Pin<Box<tokio::time::Sleep>>,
+    deadline: Deadline,
     /// Published before the caller's parameters were seen, in order.
     sent: Vec<Bytes>,
     /// How many of `sent` have been published again.
@@ -323,7 +344,7 @@ impl Confirm {
         if Pin::new(&mut self.ended).poll(cx).is_ready() {
             return Poll::Ready(Ok(()));
         }
-        ready!(self.deadline.as_mut().poll(cx));
+        ready!(self.deadline.poll(cx));
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
             "the caller did not end its parameters in time; the end of the results not sent",

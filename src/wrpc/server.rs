@@ -3,6 +3,7 @@
 //! registered before it is accepted, so the caller's parameters always find it, and each runs
 //! in a task of its own.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::atomic::Ordering;
@@ -19,13 +20,15 @@ use wasmcloud_provider_sdk::provider::invocation_context;
 use wasmcloud_provider_sdk::Context;
 use wrpc_transport_nats::{invocation_subject, result_subject};
 
-use super::{Confirm, Incoming, Mux, Served, Writer};
+use super::{Confirm, Deadline, Incoming, Mux, Served, Writer};
+use crate::task::OwnedTask;
 
 /// Serves functions of the provider under `<lattice>.<provider id>`, as one of a queue group
 /// (so several instances of the provider would share the calls).
 pub struct Server {
     mux: Arc<Mux>,
     prefix: Arc<str>,
+    resender: Arc<Resender>,
 }
 
 impl Server {
@@ -35,6 +38,7 @@ impl Server {
         provider_id: &str,
     ) -> anyhow::Result<Self> {
         Ok(Self {
+            resender: Arc::new(Resender::start(nats.clone())),
             mux: Mux::new(nats).await?,
             prefix: Arc::from(format!("{lattice}.{provider_id}")),
         })
@@ -70,8 +74,8 @@ impl wrpc_transport::Serve for Server {
             )
             .await
             .with_context(|| format!("failed to subscribe for {instance}.{func}"))?;
-        let mux = Arc::clone(&self.mux);
-        Ok(calls.then(move |call| accept(Arc::clone(&mux), call)))
+        let (mux, resender) = (Arc::clone(&self.mux), Arc::clone(&self.resender));
+        Ok(calls.then(move |call| accept(Arc::clone(&mux), Arc::clone(&resender), call)))
     }
 }
 
@@ -97,6 +101,7 @@ pub const PARAMS_PATIENCE: Duration = Duration::from_secs(30);
 /// has one is dropped by it (its handshake subscription is gone or closed).
 async fn accept(
     mux: Arc<Mux>,
+    resender: Arc<Resender>,
     call: Message,
 ) -> anyhow::Result<(Option<Context>, Writer, Incoming)> {
     let reply = call.reply.context("the call named no reply subject")?;
@@ -105,13 +110,17 @@ async fn accept(
         .publish_with_reply(reply.clone(), registration.subject.clone(), Bytes::new())
         .await
         .context("failed to accept the call")?;
-    tokio::spawn(resend_accept(
-        mux.nats.clone(),
-        reply.clone(),
-        registration.subject.clone(),
-        Arc::downgrade(&served),
-    ));
-    let deadline = tokio::time::Instant::now() + PARAMS_PATIENCE;
+    let now = tokio::time::Instant::now();
+    resender.watch(Pending {
+        due: now + ACCEPT_RESEND_FIRST,
+        delay: ACCEPT_RESEND_FIRST,
+        give_up: now + PARAMS_PATIENCE,
+        sent: 0,
+        reply: reply.clone(),
+        subject: registration.subject.clone(),
+        served: Arc::downgrade(&served),
+    });
+    let deadline = now + PARAMS_PATIENCE;
     let mut results = Writer::new(
         mux.nats.clone(),
         Subject::from(result_subject(&reply)),
@@ -120,7 +129,7 @@ async fn accept(
     results.confirm = Some(Box::new(Confirm {
         served,
         ended: ended.fuse(),
-        deadline: Box::pin(tokio::time::sleep_until(deadline)),
+        deadline: Deadline::at(deadline),
         sent: Vec::new(),
         replayed: 0,
         _call: Arc::clone(&registration),
@@ -128,7 +137,7 @@ async fn accept(
     let params = Incoming {
         buffer: call.payload,
         stream: params,
-        deadline: Some(Box::pin(tokio::time::sleep_until(deadline))),
+        deadline: Some(Deadline::at(deadline)),
         _call: registration,
     };
     Ok((
@@ -138,43 +147,103 @@ async fn accept(
     ))
 }
 
-/// Sends the accept again until the caller's first parameter message has arrived, the call
-/// has ended (`served` is gone with the call's route and results) or [`PARAMS_PATIENCE`] has
-/// passed.
-async fn resend_accept(
-    nats: async_nats::Client,
+/// A call whose accept may have to be sent again.
+struct Pending {
+    due: tokio::time::Instant,
+    delay: Duration,
+    give_up: tokio::time::Instant,
+    sent: u32,
     reply: Subject,
     subject: Subject,
+    /// Gone with the call (its route and results).
     served: Weak<Served>,
-) {
-    let give_up = tokio::time::Instant::now() + PARAMS_PATIENCE;
-    let mut delay = ACCEPT_RESEND_FIRST;
-    let mut sent = 0u32;
-    loop {
-        tokio::time::sleep(delay).await;
-        let Some(served) = served.upgrade() else {
-            return;
-        };
-        if served.params_seen.load(Ordering::Acquire) {
-            return;
-        }
-        if tokio::time::Instant::now() >= give_up {
-            warn!(%reply, sent, "the caller never answered the accept of its call; gave up");
-            return;
-        }
-        served.accept_resent.store(true, Ordering::Release);
-        drop(served);
-        sent += 1;
-        debug!(%reply, sent, "no parameters yet: accept sent again");
-        if nats
-            .publish_with_reply(reply.clone(), subject.clone(), Bytes::new())
-            .await
-            .is_err()
-        {
-            return;
-        }
-        delay = (delay * 2).min(ACCEPT_RESEND_MAX);
+}
+
+/// One task for the whole server that sends accepts again: each call is watched from its
+/// accept until its caller's first parameter message arrives, the call ends or
+/// [`PARAMS_PATIENCE`] has passed. Every call first waits [`ACCEPT_RESEND_FIRST`], so calls
+/// become due in the order they came and wait in a queue; the few sent again wait in a list.
+struct Resender {
+    calls: tokio::sync::mpsc::UnboundedSender<Pending>,
+    _task: OwnedTask,
+}
+
+impl Resender {
+    fn start(nats: async_nats::Client) -> Self {
+        let (calls, mut incoming) = tokio::sync::mpsc::unbounded_channel::<Pending>();
+        let task = OwnedTask::spawn(|cancel| async move {
+            let mut first: VecDeque<Pending> = VecDeque::new();
+            let mut again: Vec<Pending> = Vec::new();
+            let timer = tokio::time::sleep(Duration::from_secs(3600));
+            tokio::pin!(timer);
+            loop {
+                let next = first.front().map(|p| p.due).into_iter();
+                let next = next.chain(again.iter().map(|p| p.due)).min();
+                if let Some(due) = next {
+                    if timer.deadline() != due || timer.is_elapsed() {
+                        timer.as_mut().reset(due);
+                    }
+                }
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => return,
+                    call = incoming.recv() => match call {
+                        Some(call) => first.push_back(call),
+                        None => return,
+                    },
+                    () = &mut timer, if next.is_some() => {
+                        let now = tokio::time::Instant::now();
+                        let mut due = Vec::new();
+                        while first.front().is_some_and(|p| p.due <= now) {
+                            due.extend(first.pop_front());
+                        }
+                        let (now_due, later): (Vec<_>, Vec<_>) =
+                            again.drain(..).partition(|p| p.due <= now);
+                        again = later;
+                        due.extend(now_due);
+                        for call in due {
+                            if let Some(call) = resend(&nats, call, now).await {
+                                again.push(call);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Self { calls, _task: task }
     }
+
+    fn watch(&self, call: Pending) {
+        let _ = self.calls.send(call);
+    }
+}
+
+/// Sends `call`'s accept again if its caller has still sent nothing; returns it to wait for
+/// the next time, or `None` when it needs no more watching.
+async fn resend(
+    nats: &async_nats::Client,
+    mut call: Pending,
+    now: tokio::time::Instant,
+) -> Option<Pending> {
+    let served = call.served.upgrade()?;
+    if served.params_seen.load(Ordering::Acquire) {
+        return None;
+    }
+    if now >= call.give_up {
+        warn!(reply = %call.reply, sent = call.sent,
+            "the caller never answered the accept of its call; gave up");
+        return None;
+    }
+    served.accept_resent.store(true, Ordering::Release);
+    drop(served);
+    call.sent += 1;
+    debug!(reply = %call.reply, sent = call.sent, "no parameters yet: accept sent again");
+    nats.publish_with_reply(call.reply.clone(), call.subject.clone(), Bytes::new())
+        .await
+        .ok()?;
+    call.delay = (call.delay * 2).min(ACCEPT_RESEND_MAX);
+    call.due = now + call.delay;
+    Some(call)
 }
 
 /// What `wit-bindgen-wrpc`'s generated `serve` returns: per function, its calls, each a future
