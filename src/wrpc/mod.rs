@@ -13,9 +13,10 @@
 //! demux task to subscribe to a call's accept and results and then publishes the call, and its
 //! 0.29 server asks it to subscribe to a call's parameters and then publishes the accept; the
 //! demux may route what arrives before it applies the request, and drop it. So our server sends
-//! its accept again until the caller's parameters arrive and holds results until they have
-//! ended, and our client gives a host a head start before sending parameters that did not fit
-//! in the call's first message (see the modules).
+//! its accept again until the caller's parameters arrive, and ends its results only after the
+//! caller's parameters have ended (sending again what the caller may have missed); our client
+//! gives a host a head start before sending parameters that did not fit in the call's first
+//! message (see the modules).
 //!
 //! Only what these interfaces need is spoken: parameters and results without nested async
 //! streams (a function with one is refused when it is served or called).

@@ -1,7 +1,8 @@
 //! The provider's exports (`wasmcloud:messaging/consumer`, the session API), served on the
 //! SDK's lattice connection in place of the SDK's `serve_provider_exports`: each call is
 //! registered before it is accepted, so the caller's parameters always find it, and each runs
-//! in a task of its own.
+//! in a task of its own. A caller that missed the accept (the host's 0.29 client can drop it)
+//! gets it again, and the results it may have missed with it (see [`accept`]).
 
 use std::collections::VecDeque;
 use std::future::Future;
