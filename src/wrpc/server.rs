@@ -188,10 +188,6 @@ impl Resender {
                 tokio::select! {
                     biased;
                     () = cancel.cancelled() => return,
-                    call = incoming.recv() => match call {
-                        Some(call) => first.push_back(call),
-                        None => return,
-                    },
                     () = &mut timer, if next.is_some() => {
                         let now = tokio::time::Instant::now();
                         let mut due = Vec::new();
@@ -208,6 +204,12 @@ impl Resender {
                             }
                         }
                     }
+                    // After the timer: a steady stream of new calls must not hold back the
+                    // ones that are due.
+                    call = incoming.recv() => match call {
+                        Some(call) => first.push_back(call),
+                        None => return,
+                    },
                 }
             }
         });
