@@ -272,21 +272,13 @@ impl Delivery {
             component = %session.component_id, subject = %message.subject);
         let headers = trace_headers(&span);
         let started_at = Instant::now();
-        // Boxed: the call's state is large, and an idle session should not carry it.
-        let result = match started {
-            None => {
-                let call = handler::handle_message(&self.wrpc, headers, &message);
-                tokio::time::timeout(self.timeout, Box::pin(call.instrument(span))).await
-            }
-            Some(started) => {
-                let client = Starting {
-                    client: &self.wrpc,
-                    started: Mutex::new(Some(started)),
-                };
-                let call = handler::handle_message(&client, headers, &message);
-                tokio::time::timeout(self.timeout, Box::pin(call.instrument(span))).await
-            }
+        let client = Starting {
+            client: &self.wrpc,
+            started: Mutex::new(started),
         };
+        let call = handler::handle_message(&client, headers, &message);
+        // Boxed: the call's state is large, and an idle session should not carry it.
+        let result = tokio::time::timeout(self.timeout, Box::pin(call.instrument(span))).await;
         let outcome = match &result {
             Ok(Ok(Ok(()))) => "ok",
             Ok(_) => "error",
@@ -315,8 +307,8 @@ impl Delivery {
     }
 }
 
-/// Calls through `client`, and says so on `started` once the call has been published: the
-/// delivery task starts a session's calls one after another in arrival order.
+/// Calls through `client`, and says so on `started` (if any) once the call has been published:
+/// the delivery task starts a session's calls one after another in arrival order.
 struct Starting<'a> {
     client: &'a ComponentClient,
     started: Mutex<Option<oneshot::Sender<()>>>,

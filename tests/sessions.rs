@@ -311,14 +311,8 @@ async fn json_envelopes_carry_subject_reply_to_and_binary_bodies() -> Result<()>
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_envelopes_get_an_error_frame_and_the_session_keeps_working() -> Result<()> {
     let env = Env::start().await?;
-    let mut s1 = Server::start().await?;
-    let mut peers = component_with_links(
-        &env,
-        "strict",
-        &mut [("strict-h", &mut s1, &[("FORMAT", "json")])],
-    )
-    .await?;
-    let peer = &mut peers[0];
+    let (_server, mut peer) = json_peer(&env, "strict", &[]).await?;
+    let peer = &mut peer;
     let cases = [
         ("{not json", "not valid JSON"),
         ("[1, 2, 3]", "JSON object"),
@@ -572,6 +566,17 @@ async fn race_free_client_calls_with_and_without_parameters_and_fails_fast_witho
     env.stop().await
 }
 
+/// A JSON-envelope client link for the test component `id` with `extra` config; its peer.
+async fn json_peer(env: &Env, id: &str, extra: &[(&str, &str)]) -> Result<(Server, Peer)> {
+    let mut server = Server::start().await?;
+    let link = format!("{id}-h");
+    let mut config = vec![("FORMAT", "json")];
+    config.extend(extra.iter().copied());
+    let mut peers = component_with_links(env, id, &mut [(&link, &mut server, &config)]).await?;
+    let peer = peers.pop().context("one peer")?;
+    Ok((server, peer))
+}
+
 /// Sends `!request <subject> 60000 <subject>` envelopes, one per subject, to the component.
 async fn send_requests(peer: &mut Peer, subjects: &[&str]) -> Result<()> {
     for subject in subjects {
@@ -642,18 +647,8 @@ async fn by_default_each_call_finishes_before_the_next_starts() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn max_in_flight_runs_calls_of_one_session_at_once_up_to_the_limit() -> Result<()> {
     let env = Env::start().await?;
-    let mut s1 = Server::start().await?;
-    let mut peers = component_with_links(
-        &env,
-        "wide",
-        &mut [(
-            "wide-h",
-            &mut s1,
-            &[("FORMAT", "json"), ("MAX_IN_FLIGHT", "3")],
-        )],
-    )
-    .await?;
-    let peer = &mut peers[0];
+    let (_server, mut peer) = json_peer(&env, "wide", &[("MAX_IN_FLIGHT", "3")]).await?;
+    let peer = &mut peer;
     send_requests(peer, &["q1", "q2", "q3", "q4"]).await?;
     // Calls start in arrival order and at most 3 run: the first three requests are q1-q3
     // (in any order: three component instances run them side by side).
@@ -688,18 +683,8 @@ async fn max_in_flight_runs_calls_of_one_session_at_once_up_to_the_limit() -> Re
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hung_call_holds_one_slot_and_does_not_stall_the_session() -> Result<()> {
     let env = Env::start().await?;
-    let mut s1 = Server::start().await?;
-    let mut peers = component_with_links(
-        &env,
-        "unstuck",
-        &mut [(
-            "unstuck-h",
-            &mut s1,
-            &[("FORMAT", "json"), ("MAX_IN_FLIGHT", "2")],
-        )],
-    )
-    .await?;
-    let peer = &mut peers[0];
+    let (_server, mut peer) = json_peer(&env, "unstuck", &[("MAX_IN_FLIGHT", "2")]).await?;
+    let peer = &mut peer;
     send_requests(peer, &["never-answered"]).await?;
     let hung = peer.recv_json().await?;
     assert_eq!(hung["subject"], "never-answered");

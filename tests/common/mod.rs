@@ -249,11 +249,9 @@ impl Env {
         .context("provider did not start healthy")
     }
 
-    /// Starts test component `name` under the ID `id`, with up to 4 instances at once: the
-    /// host's own wRPC client (wrpc-transport-nats 0.29) can lose the reply to a component's
-    /// `publish` under load and leave that instance blocked for good, and with one instance
-    /// every later message to the component would wait behind it. Messages of one session
-    /// still arrive one at a time, in order (the provider waits for each `handle-message`).
+    /// Starts test component `name` under the ID `id`, with up to 4 instances at once (tests
+    /// with `MAX_IN_FLIGHT` up to 4 run that many calls side by side). Messages of one session
+    /// still arrive one at a time, in order, at the default `MAX_IN_FLIGHT=1`.
     pub async fn component(&self, name: &str, id: &str) -> Result<()> {
         self.component_scaled(name, id, 4).await
     }
