@@ -42,6 +42,10 @@ pub const RECONNECT_MAX_MS: &str = "RECONNECT_MAX_MS";
 pub const MAX_MESSAGE_BYTES: &str = "MAX_MESSAGE_BYTES";
 pub const SEND_QUEUE_LEN: &str = "SEND_QUEUE_LEN";
 pub const MAX_IN_FLIGHT: &str = "MAX_IN_FLIGHT";
+pub const FANOUT_TIMEOUT_MS: &str = "FANOUT_TIMEOUT_MS";
+pub const HANDLER_WAIT_MS: &str = "HANDLER_WAIT_MS";
+/// Provider config only: the provider-wide budget of inbound bytes waiting for components.
+pub const MAX_INBOUND_BYTES: &str = "MAX_INBOUND_BYTES";
 
 pub const DEFAULT_URI: &str = "ws://127.0.0.1:8080";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -60,6 +64,12 @@ pub const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_PUBLISH_WAIT: Duration = Duration::from_secs(5);
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SESSION_HEADERS: &str = "origin,user-agent";
+/// One deadline for a whole fan-out (broadcast, group, several sessions, a link subject).
+pub const DEFAULT_FANOUT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a socket with no handler link waits (unread) for one before frames are dropped.
+pub const DEFAULT_HANDLER_WAIT: Duration = Duration::from_secs(30);
+/// Inbound bytes that may wait for components across the whole provider.
+pub const DEFAULT_MAX_INBOUND_BYTES: u64 = 256 * 1024 * 1024;
 
 /// A secret string whose `Debug` and `Display` never show the value.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -190,9 +200,39 @@ pub struct LinkSettings {
     pub close_slow_consumers: bool,
     /// How long a publish waits for its frame to be written before the peer counts as slow.
     pub write_timeout: Duration,
+    /// One deadline for a whole fan-out made on this (consumer) link.
+    pub fanout_timeout: Duration,
+    /// How long a socket without a handler link waits, unread, for one.
+    pub handler_wait: Duration,
 }
 
 impl LinkSettings {
+    /// Builds what the provider builds from these settings when it opens the link's sockets
+    /// (the send queue and its waiters, every deadline from now), so tests and the config fuzz
+    /// target check that no accepted value can make them panic.
+    pub fn build_runtime_objects(&self) {
+        let (_queue, _rx) = tokio::sync::mpsc::channel::<()>(self.send_queue_len);
+        let _waiting = tokio::sync::Semaphore::new(self.send_queue_len);
+        let keepalive = &self.keepalive;
+        let dead_after = keepalive.ping_interval.unwrap_or_default() + keepalive.pong_timeout;
+        let now = std::time::Instant::now();
+        for wait in [
+            self.connect_timeout,
+            self.handler_timeout,
+            self.reconnect_min,
+            self.reconnect_max,
+            self.publish_wait,
+            self.write_timeout,
+            self.fanout_timeout,
+            self.handler_wait,
+            dead_after,
+            keepalive.idle_timeout.unwrap_or_default(),
+        ] {
+            let _deadline = now + wait;
+        }
+        let _write_buffer = self.max_message_bytes.saturating_mul(4);
+    }
+
     /// The subject of inbound messages on a link called `link_name`.
     pub fn inbound_subject(&self, link_name: &str) -> String {
         self.subject
@@ -233,6 +273,14 @@ impl ProviderDefaults {
         }
     }
 
+    /// The provider-wide budget of inbound bytes (`MAX_INBOUND_BYTES`, provider config only).
+    pub fn inbound_budget(&self) -> Result<u64, ConfigError> {
+        match self.config.get(MAX_INBOUND_BYTES).map(|v| v.trim()) {
+            None | Some("") => Ok(DEFAULT_MAX_INBOUND_BYTES),
+            Some(v) => parse_in_range(MAX_INBOUND_BYTES, v),
+        }
+    }
+
     /// Parses the settings of one link: link config over provider config, secrets first.
     pub fn link_settings(
         &self,
@@ -247,6 +295,16 @@ impl ProviderDefaults {
         let uri = get(URI).unwrap_or(DEFAULT_URI).to_string();
         validate_uri(&uri)?;
 
+        // An empty token would admit everyone (server) or send an empty bearer (client).
+        let empty_token = merged.get(AUTH_TOKEN).is_some_and(|v| v.trim().is_empty())
+            || secret_string(link_secrets, AUTH_TOKEN).is_some_and(|v| v.trim().is_empty())
+            || secret_string(&self.secrets, AUTH_TOKEN).is_some_and(|v| v.trim().is_empty());
+        if empty_token {
+            return Err(err(
+                AUTH_TOKEN,
+                "is empty: set a token, or remove the key to turn authentication off",
+            ));
+        }
         let auth_token = match secret_string(link_secrets, AUTH_TOKEN)
             .or_else(|| secret_string(&self.secrets, AUTH_TOKEN))
         {
@@ -281,7 +339,7 @@ impl ProviderDefaults {
         }
 
         let connect_timeout = match get(CONNECT_TIMEOUT_SEC) {
-            Some(v) => Duration::from_secs(parse_positive(CONNECT_TIMEOUT_SEC, v)?),
+            Some(v) => Duration::from_secs(parse_in_range(CONNECT_TIMEOUT_SEC, v)?),
             None => DEFAULT_CONNECT_TIMEOUT,
         };
         let session_tracking = match get(ENABLE_SESSION_TRACKING) {
@@ -306,7 +364,7 @@ impl ProviderDefaults {
         };
         let ms = |key: &str, default: Duration| -> Result<Duration, ConfigError> {
             Ok(match get(key) {
-                Some(v) => Duration::from_millis(parse_positive(key, v)?),
+                Some(v) => Duration::from_millis(parse_in_range(key, v)?),
                 None => default,
             })
         };
@@ -320,25 +378,15 @@ impl ProviderDefaults {
             ));
         }
         let max_message_bytes = match get(MAX_MESSAGE_BYTES) {
-            Some(v) => usize::try_from(parse_positive(MAX_MESSAGE_BYTES, v)?)
-                .map_err(|_| err(MAX_MESSAGE_BYTES, "too large"))?,
+            Some(v) => parse_count(MAX_MESSAGE_BYTES, v)?,
             None => DEFAULT_MAX_MESSAGE_BYTES,
         };
         let max_in_flight = match get(MAX_IN_FLIGHT) {
-            Some(v) => match parse_positive(MAX_IN_FLIGHT, v)? {
-                n if n <= MAX_MAX_IN_FLIGHT as u64 => n as usize,
-                _ => {
-                    return Err(err(
-                        MAX_IN_FLIGHT,
-                        format!("must be at most {MAX_MAX_IN_FLIGHT}"),
-                    ))
-                }
-            },
+            Some(v) => parse_count(MAX_IN_FLIGHT, v)?,
             None => DEFAULT_MAX_IN_FLIGHT,
         };
         let send_queue_len = match get(SEND_QUEUE_LEN) {
-            Some(v) => usize::try_from(parse_positive(SEND_QUEUE_LEN, v)?)
-                .map_err(|_| err(SEND_QUEUE_LEN, "too large"))?,
+            Some(v) => parse_count(SEND_QUEUE_LEN, v)?,
             None => DEFAULT_SEND_QUEUE_LEN,
         };
 
@@ -347,17 +395,16 @@ impl ProviderDefaults {
             |key: &str, default: Option<Duration>| -> Result<Option<Duration>, ConfigError> {
                 match get(key) {
                     None => Ok(default),
-                    Some(v) => match v.parse::<u64>() {
-                        Ok(0) => Ok(None),
-                        Ok(n) => Ok(Some(Duration::from_secs(n))),
-                        Err(_) => Err(err(key, format!("{v:?} is not a whole number"))),
+                    Some(v) => match parse_in_range(key, v)? {
+                        0 => Ok(None),
+                        n => Ok(Some(Duration::from_secs(n))),
                     },
                 }
             };
         let keepalive = Keepalive {
             ping_interval: seconds_or_off(PING_INTERVAL_SEC, Some(DEFAULT_PING_INTERVAL))?,
             pong_timeout: match get(PONG_TIMEOUT_SEC) {
-                Some(v) => Duration::from_secs(parse_positive(PONG_TIMEOUT_SEC, v)?),
+                Some(v) => Duration::from_secs(parse_in_range(PONG_TIMEOUT_SEC, v)?),
                 None => DEFAULT_PONG_TIMEOUT,
             },
             idle_timeout: seconds_or_off(IDLE_TIMEOUT_SEC, None)?,
@@ -375,6 +422,11 @@ impl ProviderDefaults {
 
         let publish_wait = ms(PUBLISH_WAIT_MS, DEFAULT_PUBLISH_WAIT)?;
         let write_timeout = ms(WRITE_TIMEOUT_MS, DEFAULT_WRITE_TIMEOUT)?;
+        let fanout_timeout = ms(FANOUT_TIMEOUT_MS, DEFAULT_FANOUT_TIMEOUT)?;
+        let handler_wait = match get(HANDLER_WAIT_MS) {
+            Some(v) => Duration::from_millis(parse_in_range(HANDLER_WAIT_MS, v)?),
+            None => DEFAULT_HANDLER_WAIT,
+        };
         let close_slow_consumers = match get(SLOW_CONSUMER).map(str::to_ascii_lowercase).as_deref()
         {
             None | Some("error") => false,
@@ -388,6 +440,8 @@ impl ProviderDefaults {
         };
         Ok(LinkSettings {
             write_timeout,
+            fanout_timeout,
+            handler_wait,
             close_slow_consumers,
             server,
             keepalive,
@@ -475,17 +529,57 @@ fn server_settings<'a>(
 }
 
 fn validate_uri(uri: &str) -> Result<(), ConfigError> {
+    let shown = redact_uri(uri);
     let parsed: tokio_tungstenite::tungstenite::http::Uri = uri
         .parse()
-        .map_err(|e| err(URI, format!("{uri:?} is not a URI: {e}")))?;
+        .map_err(|_| err(URI, format!("{shown:?} is not a URI")))?;
     match parsed.scheme_str() {
         Some("ws") | Some("wss") => {}
-        _ => return Err(err(URI, format!("{uri:?} must start with ws:// or wss://"))),
+        _ => return Err(err(URI, format!("{shown:?} must start with ws:// or wss://"))),
     }
     if parsed.host().is_none_or(str::is_empty) {
-        return Err(err(URI, format!("{uri:?} has no host")));
+        return Err(err(URI, format!("{shown:?} has no host")));
     }
     Ok(())
+}
+
+/// `uri` as logs, health and components may see it: credentials in the user-info part and the
+/// whole query (which often carries a token) are replaced by `<redacted>`.
+pub fn redact_uri(uri: &str) -> String {
+    let (before_query, query) = match uri.split_once('?') {
+        Some((b, _)) => (b, true),
+        None => (uri.split_once('#').map_or(uri, |(b, _)| b), false),
+    };
+    let (scheme, rest) = match before_query.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, before_query),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("<redacted>@{host}"),
+        None => authority.to_string(),
+    };
+    let mut shown = String::with_capacity(uri.len());
+    if let Some(scheme) = scheme {
+        shown.push_str(scheme);
+        shown.push_str("://");
+    }
+    shown.push_str(&authority);
+    shown.push_str(path);
+    if query {
+        shown.push_str("?<redacted>");
+    }
+    shown
+}
+
+impl Endpoint {
+    /// The URI without credentials (see [`redact_uri`]).
+    pub fn redacted_uri(&self) -> String {
+        redact_uri(&self.uri)
+    }
 }
 
 fn validate_header_name(key: &str, name: &str) -> Result<(), ConfigError> {
@@ -507,6 +601,46 @@ fn parse_positive(key: &str, value: &str) -> Result<u64, ConfigError> {
         Ok(n) => Ok(n),
         Err(_) => Err(err(key, format!("{value:?} is not a whole number"))),
     }
+}
+
+/// The documented range of each numeric key: `(key, least, most)`. A value outside it is
+/// refused with an error naming the key, so no setting can overflow a timer or a queue.
+pub const RANGES: &[(&str, u64, u64)] = &[
+    (CONNECT_TIMEOUT_SEC, 1, 3_600),
+    (HANDLER_TIMEOUT_MS, 1, 3_600_000),
+    (RECONNECT_MIN_MS, 1, 3_600_000),
+    (RECONNECT_MAX_MS, 1, 86_400_000),
+    (MAX_MESSAGE_BYTES, 1, 256 * 1024 * 1024),
+    (MAX_IN_FLIGHT, 1, MAX_MAX_IN_FLIGHT as u64),
+    (SEND_QUEUE_LEN, 1, 1_000_000),
+    (PING_INTERVAL_SEC, 0, 86_400),
+    (PONG_TIMEOUT_SEC, 1, 3_600),
+    (IDLE_TIMEOUT_SEC, 0, 604_800),
+    (PUBLISH_WAIT_MS, 1, 3_600_000),
+    (WRITE_TIMEOUT_MS, 1, 3_600_000),
+    (FANOUT_TIMEOUT_MS, 1, 3_600_000),
+    (HANDLER_WAIT_MS, 0, 3_600_000),
+    (MAX_INBOUND_BYTES, 1024 * 1024, 1 << 40),
+];
+
+/// Parses `value` as a whole number within `key`'s range (see [`RANGES`]).
+fn parse_in_range(key: &str, value: &str) -> Result<u64, ConfigError> {
+    let (lo, hi) = RANGES
+        .iter()
+        .find(|(k, _, _)| *k == key)
+        .map_or((0, u64::MAX), |(_, lo, hi)| (*lo, *hi));
+    let n = value
+        .parse::<u64>()
+        .map_err(|_| err(key, format!("{value:?} is not a whole number")))?;
+    if n < lo || n > hi {
+        return Err(err(key, format!("{n} is out of range: use {lo} to {hi}")));
+    }
+    Ok(n)
+}
+
+/// [`parse_in_range`] for a count held in a `usize`.
+fn parse_count(key: &str, value: &str) -> Result<usize, ConfigError> {
+    usize::try_from(parse_in_range(key, value)?).map_err(|_| err(key, "too large"))
 }
 
 fn parse_bool(key: &str, value: &str) -> Result<bool, ConfigError> {
@@ -664,6 +798,64 @@ mod tests {
     }
 
     #[test]
+    fn every_numeric_key_has_a_range_and_refuses_values_outside_it() {
+        for (key, lo, hi) in RANGES {
+            if *key == MAX_INBOUND_BYTES {
+                continue; // provider config only
+            }
+            let e = parse(&[], &[(key, &(hi + 1).to_string())]).expect_err(key);
+            assert_eq!(e.key, *key, "{e}");
+            assert!(e.to_string().contains("out of range"), "{e}");
+            if *lo > 0 {
+                let e = parse(&[], &[(key, &(lo - 1).to_string())]).expect_err(key);
+                assert_eq!(e.key, *key, "{e}");
+            }
+            let top = hi.to_string();
+            let mut pairs = vec![(*key, top.as_str())];
+            if *key == RECONNECT_MIN_MS {
+                pairs.push((RECONNECT_MAX_MS, "86400000"));
+            }
+            parse(&[], &pairs)
+                .expect("the top of the range is fine")
+                .build_runtime_objects();
+        }
+        for (key, value) in [
+            (SEND_QUEUE_LEN, "2305843009213693951"),
+            (PING_INTERVAL_SEC, "18446744073709551615"),
+            (PONG_TIMEOUT_SEC, "18446744073709551614"),
+        ] {
+            let e = parse(&[], &[(key, value)]).expect_err(key);
+            assert_eq!(e.key, key, "{e}");
+        }
+    }
+
+    #[test]
+    fn an_empty_token_is_refused_wherever_it_comes_from() {
+        let e = parse(&[], &[("AUTH_TOKEN", "")]).expect_err("empty in config");
+        assert_eq!(e.key, AUTH_TOKEN);
+        let e = parse(&[("auth_token", " ")], &[]).expect_err("empty in provider config");
+        assert_eq!(e.key, AUTH_TOKEN);
+        let mut secrets = HashMap::new();
+        secrets.insert("AUTH_TOKEN".to_string(), String::new());
+        let e = ProviderDefaults::default()
+            .link_settings(&HashMap::new(), &secrets)
+            .expect_err("empty secret");
+        assert_eq!(e.key, AUTH_TOKEN);
+    }
+
+    #[test]
+    fn uris_are_shown_without_credentials() {
+        assert_eq!(
+            redact_uri("wss://user:pa55@example.com:9/x?access_token=t0k"),
+            "wss://<redacted>@example.com:9/x?<redacted>"
+        );
+        assert_eq!(redact_uri("ws://127.0.0.1:1/ws"), "ws://127.0.0.1:1/ws");
+        assert_eq!(redact_uri("ws://h?t=1"), "ws://h?<redacted>");
+        let e = parse(&[], &[("URI", "http://u:secretpw@h/?k=secretq")]).expect_err("http");
+        assert!(!e.to_string().contains("secret"), "{e}");
+    }
+
+    #[test]
     fn token_value_never_appears_in_errors() {
         let e = parse(&[], &[("AUTH_TOKEN", "sek\u{7}rit")]).expect_err("bad token");
         assert!(!e.to_string().contains("sekrit"));
@@ -699,6 +891,13 @@ mod robustness {
             SEND_QUEUE_LEN,
             MAX_IN_FLIGHT,
             PING_INTERVAL_SEC,
+            PONG_TIMEOUT_SEC,
+            IDLE_TIMEOUT_SEC,
+            WRITE_TIMEOUT_MS,
+            PUBLISH_WAIT_MS,
+            HANDLER_TIMEOUT_MS,
+            FANOUT_TIMEOUT_MS,
+            HANDLER_WAIT_MS,
             SLOW_CONSUMER,
             "unknown",
         ];
@@ -709,6 +908,9 @@ mod robustness {
             "1",
             "-1",
             "18446744073709551616",
+            "18446744073709551615",
+            "2305843009213693951",
+            "86400",
             "true",
             "maybe",
             "ws://127.0.0.1:1",
@@ -735,8 +937,9 @@ mod robustness {
                     values[rng.usize(0..values.len())].to_string(),
                 );
             }
-            if let Err(e) = ProviderDefaults::default().link_settings(&map, &HashMap::new()) {
-                assert!(!e.key.is_empty(), "{e}");
+            match ProviderDefaults::default().link_settings(&map, &HashMap::new()) {
+                Ok(settings) => settings.build_runtime_objects(),
+                Err(e) => assert!(!e.key.is_empty(), "{e}"),
             }
         }
     }

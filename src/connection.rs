@@ -45,7 +45,7 @@ impl Connection {
                 ..SessionOptions::from_link(
                     component_id,
                     link_name,
-                    settings.endpoint.uri.clone(),
+                    settings.endpoint.redacted_uri(),
                     settings,
                 )
             },

@@ -10,13 +10,30 @@
 //! Every call is bounded by the link's handler timeout, which covers the whole wRPC call (a reply
 //! lost by the transport would otherwise hang the session forever); failures and timeouts are
 //! logged with the session and subject, counted, and do not stop the messages that follow.
+//!
+//! Limits that keep one peer or component from hurting the others:
+//! - a socket with no handler link yet is not read further (TCP holds the peer's frames) until
+//!   one attaches, up to the link's `HANDLER_WAIT_MS`; frames after that are counted as
+//!   undeliverable (`no_handler`), never dropped unseen;
+//! - queued frames hold a share of the provider-wide budget of inbound bytes
+//!   (`MAX_INBOUND_BYTES`) until their call ends or they are dropped, also after their socket
+//!   closed; a reader waits for room, so memory is bounded by the budget, not by the number of
+//!   peers;
+//! - each component has its own [`MAX_CONCURRENT_HANDLERS`] call slots, so a slow or attacked
+//!   component cannot take the others' slots;
+//! - frames queued for a handler link that has been deleted are dropped and counted
+//!   (`link_deleted`), not delivered;
+//! - a peer's envelope may not use the provider's own subjects (`ws.lifecycle.*`,
+//!   `ws.session.*`); invalid envelopes are answered with an error frame, logged at most once a
+//!   second per session (with the count), and each one gives up its turn on the runtime.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt as _};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, debug_span, warn, Instrument as _};
 
 use tokio_tungstenite::tungstenite::Message;
@@ -33,11 +50,90 @@ use crate::ws::socket::FrameSink;
 /// Messages that may wait for `handle-message` on one session before the reader pauses.
 pub const DELIVERY_QUEUE: usize = 16;
 
-/// `handle-message` calls in flight across all sessions of the provider. When all are taken,
-/// delivery waits, session queues fill, and readers stop reading their sockets.
+/// `handle-message` calls in flight across all sessions of one component. When all are taken,
+/// that component's delivery waits, its session queues fill, and its readers stop reading;
+/// other components have slots of their own.
 pub const MAX_CONCURRENT_HANDLERS: usize = 256;
-static HANDLER_SLOTS: tokio::sync::Semaphore =
-    tokio::sync::Semaphore::const_new(MAX_CONCURRENT_HANDLERS);
+static HANDLER_SLOTS: LazyLock<dashmap::DashMap<String, Arc<Semaphore>>> =
+    LazyLock::new(dashmap::DashMap::new);
+
+/// The call slots of `component`.
+fn handler_slots(component: &str) -> Arc<Semaphore> {
+    if let Some(slots) = HANDLER_SLOTS.get(component) {
+        return Arc::clone(&slots);
+    }
+    Arc::clone(
+        &HANDLER_SLOTS
+            .entry(component.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(MAX_CONCURRENT_HANDLERS))),
+    )
+}
+
+/// Subjects of the provider's own messages, which a peer's envelope may not use.
+pub const RESERVED_SUBJECT_PREFIXES: &[&str] = &["ws.lifecycle.", "ws.session."];
+
+fn is_reserved(subject: &str) -> bool {
+    RESERVED_SUBJECT_PREFIXES
+        .iter()
+        .any(|p| subject.starts_with(p) || subject == p.trim_end_matches('.'))
+}
+
+/// The budget of inbound bytes is counted in units of this many bytes.
+const BUDGET_UNIT: u64 = 1024;
+
+/// The provider-wide budget of inbound bytes waiting for components.
+struct Budget {
+    room: Arc<Semaphore>,
+    /// All of it, in units: a frame larger than the budget takes all of it.
+    total: u32,
+}
+
+static INBOUND_BUDGET: OnceLock<Budget> = OnceLock::new();
+
+fn budget_of(bytes: u64) -> Budget {
+    let units = (bytes / BUDGET_UNIT).clamp(1, u64::from(u32::MAX));
+    let total = u32::try_from(units).unwrap_or(u32::MAX);
+    Budget {
+        room: Arc::new(Semaphore::new(total as usize)),
+        total,
+    }
+}
+
+/// Sets the provider-wide budget of inbound bytes waiting for components (`MAX_INBOUND_BYTES`);
+/// only the first call counts (the provider's init). Without a call, the default applies.
+pub fn set_inbound_budget(bytes: u64) {
+    let _ = INBOUND_BUDGET.set(budget_of(bytes));
+}
+
+/// Takes room for a frame of `len` bytes in the inbound budget, waiting while it is full.
+async fn reserve(len: usize) -> Option<OwnedSemaphorePermit> {
+    let budget = INBOUND_BUDGET
+        .get_or_init(|| budget_of(crate::config::DEFAULT_MAX_INBOUND_BYTES));
+    let want = (len as u64).div_ceil(BUDGET_UNIT).max(1);
+    let want = u32::try_from(want).unwrap_or(u32::MAX).min(budget.total);
+    Arc::clone(&budget.room).acquire_many_owned(want).await.ok()
+}
+
+/// At most one warning a second per session; the ones held back are counted in the next.
+#[derive(Default)]
+struct LogLimit {
+    last_ms: AtomicU64,
+    held: AtomicU64,
+}
+
+impl LogLimit {
+    /// `Some(n)` when a warning may be logged now, `n` being how many were held back.
+    fn allow(&self, opened: Instant) -> Option<u64> {
+        let now = u64::try_from(opened.elapsed().as_millis()).unwrap_or(u64::MAX).max(1);
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < 1000 {
+            self.held.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        self.last_ms.store(now, Ordering::Relaxed);
+        Some(self.held.swap(0, Ordering::Relaxed))
+    }
+}
 
 /// The reader-side sink of one session.
 pub struct Inbound {
@@ -45,23 +141,54 @@ pub struct Inbound {
     /// Boxed, so the queue's up-front room for 32 items is 32 pointers (see `Outbound`).
     pub queue: mpsc::Sender<Box<Queued>>,
     pub stats: Arc<Stats>,
+    /// How long a frame waits (unread socket) for a handler link to attach.
+    handler_wait: Duration,
+    opened: Instant,
+    invalid_log: LogLimit,
+    no_handler_log: LogLimit,
+}
+
+/// What a frame says, before it is given a handler link's subject.
+struct Decoded {
+    subject: Option<String>,
+    body: Bytes,
+    reply_to: Option<String>,
 }
 
 impl Inbound {
-    /// Turns a frame into the message for `handle-message`, or `None` when it is not for the
-    /// component (a reply to a pending request, an invalid envelope, no handler link).
-    fn message(&self, payload: Bytes) -> Option<BrokerMessage> {
+    /// Decodes a frame (JSON envelopes), or `None` when it is not for the component (a reply
+    /// to a pending request, an invalid envelope).
+    async fn decode(&self, payload: Bytes) -> Option<Decoded> {
         let session = &self.session;
-        let (subject, body, reply_to) = match session.format {
-            Format::Raw => (None, payload, session.tracking.then(|| session.subject())),
+        match session.format {
+            Format::Raw => Some(Decoded {
+                subject: None,
+                body: payload,
+                reply_to: session.tracking.then(|| session.subject()),
+            }),
             Format::Json => {
-                let envelope = match envelope::decode(&payload) {
+                let envelope = envelope::decode(&payload).and_then(|envelope| {
+                    if is_reserved(&envelope.subject) {
+                        Err(format!(
+                            "subject {:?} is reserved for the provider's own messages",
+                            envelope.subject
+                        ))
+                    } else {
+                        Ok(envelope)
+                    }
+                });
+                let envelope = match envelope {
                     Ok(envelope) => envelope,
                     Err(error) => {
                         self.stats.undelivered("invalid_envelope");
-                        warn!(session = %session.id, component = %session.component_id, %error,
-                            "invalid envelope; error frame sent to the peer");
+                        if let Some(held) = self.invalid_log.allow(self.opened) {
+                            warn!(session = %session.id, component = %session.component_id, %error,
+                                more_since_last = held,
+                                "invalid envelope; error frame sent to the peer (logged at most once a second)");
+                        }
                         let _ = session.send_nowait(Message::text(envelope::error_frame(&error)));
+                        // A flood of bad frames must not hold the runtime thread.
+                        tokio::task::consume_budget().await;
                         return None;
                     }
                 };
@@ -76,20 +203,13 @@ impl Inbound {
                 } else {
                     envelope.reply_to
                 };
-                (Some(envelope.subject), envelope.body, reply_to)
+                Some(Decoded {
+                    subject: Some(envelope.subject),
+                    body: envelope.body,
+                    reply_to,
+                })
             }
-        };
-        let Some(route) = session.route() else {
-            self.stats.undelivered("no_handler");
-            warn!(session = %session.id, component = %session.component_id,
-                "frame arrived on a connection with no handler link; not delivered");
-            return None;
-        };
-        Some(BrokerMessage {
-            subject: subject.unwrap_or(route.subject),
-            body,
-            reply_to,
-        })
+        }
     }
 
     /// The `mode` attribute of this session's metrics.
@@ -105,10 +225,44 @@ impl Inbound {
 impl FrameSink for Inbound {
     async fn frame(&self, payload: Bytes, _text: bool) {
         self.stats.frame_in(self.mode(), payload.len());
-        if let Some(message) = self.message(payload) {
-            // Waiting here is the backpressure: the socket is not read while the queue is full.
-            let _ = self.queue.send(Box::new(Queued::Frame(message))).await;
-        }
+        let len = payload.len();
+        let Some(decoded) = self.decode(payload).await else {
+            return;
+        };
+        let session = &self.session;
+        // Waiting here keeps the socket unread: TCP holds the peer's next frames meanwhile.
+        let route = match session.route() {
+            Some(route) => route,
+            None => match session.wait_for_route(self.handler_wait).await {
+                Some(route) => route,
+                None => {
+                    self.stats.undelivered("no_handler");
+                    if let Some(held) = self.no_handler_log.allow(self.opened) {
+                        warn!(session = %session.id, component = %session.component_id,
+                            waited = ?self.handler_wait, more_since_last = held,
+                            "frame arrived on a connection with no handler link, and none attached in time; not delivered");
+                    }
+                    return;
+                }
+            },
+        };
+        // Waiting for room in the budget is backpressure too.
+        let Some(budget) = reserve(len).await else {
+            return;
+        };
+        let message = BrokerMessage {
+            subject: decoded.subject.unwrap_or(route.subject),
+            body: decoded.body,
+            reply_to: decoded.reply_to,
+        };
+        let queued = Queued {
+            kind: Kind::Frame,
+            message,
+            link: route.link_name,
+            _budget: Some(budget),
+        };
+        // Waiting here is the backpressure: the socket is not read while the queue is full.
+        let _ = self.queue.send(Box::new(queued)).await;
     }
 
     async fn kicked(&self) {
@@ -132,13 +286,35 @@ impl FrameSink for Inbound {
     }
 }
 
-/// What waits in a session's delivery queue.
-pub enum Queued {
+/// What waits in a session's delivery queue: a message for the handler link `link`.
+pub struct Queued {
+    pub kind: Kind,
+    pub message: BrokerMessage,
+    /// The handler link it is for; if that link is gone by delivery time, it is dropped.
+    pub link: String,
+    /// Its share of the inbound budget, given back when it is delivered or dropped.
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+impl Queued {
+    /// A lifecycle message (`ws.lifecycle.*`) for handler link `link`.
+    pub fn lifecycle(message: BrokerMessage, link: &str) -> Self {
+        Self {
+            kind: Kind::Lifecycle,
+            message,
+            link: link.to_string(),
+            _budget: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
     /// A frame from the peer.
-    Frame(BrokerMessage),
-    /// A lifecycle message (`ws.lifecycle.*`): delivered alone, after every earlier message's
-    /// call has finished and before any later one starts, whatever `MAX_IN_FLIGHT` says.
-    Lifecycle(BrokerMessage),
+    Frame,
+    /// A lifecycle message: delivered alone, after every earlier message's call has finished
+    /// and before any later one starts, whatever `MAX_IN_FLIGHT` says.
+    Lifecycle,
 }
 
 /// How a session's messages are handed to `handle-message`.
@@ -148,6 +324,8 @@ pub struct DeliveryOptions {
     pub timeout: Duration,
     /// Calls of one session running at once (`MAX_IN_FLIGHT`); 1 is strict order.
     pub max_in_flight: usize,
+    /// How long an unread socket waits for a handler link (`HANDLER_WAIT_MS`).
+    pub handler_wait: Duration,
 }
 
 impl From<&crate::config::LinkSettings> for DeliveryOptions {
@@ -155,6 +333,7 @@ impl From<&crate::config::LinkSettings> for DeliveryOptions {
         Self {
             timeout: settings.handler_timeout,
             max_in_flight: settings.max_in_flight,
+            handler_wait: settings.handler_wait,
         }
     }
 }
@@ -170,6 +349,7 @@ pub fn start(
 ) -> Arc<Inbound> {
     let (queue, queued) = mpsc::channel(DELIVERY_QUEUE);
     let delivery = Delivery {
+        slots: handler_slots(&session.component_id),
         session: Arc::clone(&session),
         wrpc,
         timeout: options.timeout,
@@ -180,6 +360,10 @@ pub fn start(
         session,
         queue,
         stats,
+        handler_wait: options.handler_wait,
+        opened: Instant::now(),
+        invalid_log: LogLimit::default(),
+        no_handler_log: LogLimit::default(),
     })
 }
 
@@ -205,6 +389,8 @@ fn trace_headers(span: &tracing::Span) -> Option<async_nats::HeaderMap> {
 
 /// One session's delivery task.
 struct Delivery {
+    /// The component's call slots.
+    slots: Arc<Semaphore>,
     session: Arc<Session>,
     wrpc: ComponentClient,
     timeout: Duration,
@@ -218,8 +404,9 @@ impl Delivery {
     async fn run(self, max_in_flight: usize, mut queue: mpsc::Receiver<Box<Queued>>) {
         if max_in_flight == 1 {
             while let Some(queued) = queue.recv().await {
-                let (Queued::Frame(message) | Queued::Lifecycle(message)) = *queued;
-                self.handle(message, None).await;
+                if self.still_linked(&queued) {
+                    self.handle(&queued.message, None).await;
+                }
             }
             return;
         }
@@ -234,16 +421,20 @@ impl Delivery {
                 queued = queue.recv() => queued,
             };
             let Some(queued) = queued else { break };
-            let message = match *queued {
-                Queued::Lifecycle(message) => {
-                    while running.next().await.is_some() {}
-                    self.handle(message, None).await;
-                    continue;
-                }
-                Queued::Frame(message) => message,
-            };
+            if !self.still_linked(&queued) {
+                continue;
+            }
+            if queued.kind == Kind::Lifecycle {
+                while running.next().await.is_some() {}
+                self.handle(&queued.message, None).await;
+                continue;
+            }
             let (started_tx, mut started) = oneshot::channel();
-            let mut call = Box::pin(self.handle(message, Some(started_tx)));
+            let this = &self;
+            let mut call = Box::pin(async move {
+                // The queued item (and its share of the budget) lives until the call ends.
+                this.handle(&queued.message, Some(started_tx)).await;
+            });
             // The next message waits until this call has been published (or has finished);
             // meanwhile the calls already running go on.
             let finished = loop {
@@ -261,10 +452,21 @@ impl Delivery {
         while running.next().await.is_some() {}
     }
 
+    /// Whether the handler link a message was queued for still exists; counts it if not.
+    fn still_linked(&self, queued: &Queued) -> bool {
+        if self.session.has_route(&queued.link) {
+            return true;
+        }
+        self.stats.undelivered("link_deleted");
+        debug!(session = %self.session.id, link = %queued.link, subject = %queued.message.subject,
+            "queued message dropped: its handler link was deleted");
+        false
+    }
+
     /// One `handle-message` call, bounded by the handler timeout; `started` is told once the
     /// call has been handed to NATS.
-    async fn handle(&self, message: BrokerMessage, started: Option<oneshot::Sender<()>>) {
-        let Ok(_slot) = HANDLER_SLOTS.acquire().await else {
+    async fn handle(&self, message: &BrokerMessage, started: Option<oneshot::Sender<()>>) {
+        let Ok(_slot) = self.slots.acquire().await else {
             return;
         };
         let session = &self.session;
@@ -276,7 +478,7 @@ impl Delivery {
             client: &self.wrpc,
             started: Mutex::new(started),
         };
-        let call = handler::handle_message(&client, headers, &message);
+        let call = handler::handle_message(&client, headers, message);
         // Boxed: the call's state is large, and an idle session should not carry it.
         let result = tokio::time::timeout(self.timeout, Box::pin(call.instrument(span))).await;
         let outcome = match &result {

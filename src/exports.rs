@@ -41,18 +41,25 @@ async fn send_to(
     session.send(frame).await
 }
 
-/// Writes `msg` to every session concurrently; one result per session.
+/// Writes `msg` to every session at once, with one deadline for all of them (`FANOUT_TIMEOUT_MS`
+/// of the caller's link): a silent peer cannot hold the call longer. One result per session.
 async fn send_all(
     sessions: &[Arc<Session>],
     subject: &str,
     msg: &BrokerMessage,
     frame_type: Option<FrameType>,
+    timeout: Duration,
 ) -> Vec<Result<(), String>> {
-    join_all(
-        sessions
-            .iter()
-            .map(|s| send_to(s, subject, msg, frame_type)),
-    )
+    let deadline = tokio::time::Instant::now() + timeout;
+    join_all(sessions.iter().map(|session| async move {
+        let frame = session.frame(
+            subject,
+            msg.body.clone(),
+            msg.reply_to.as_deref(),
+            frame_type.unwrap_or(session.frame_type),
+        )?;
+        session.send_fanout(frame, deadline).await
+    }))
     .await
 }
 
@@ -91,7 +98,14 @@ impl WsProvider {
         match target.sessions.as_slice() {
             [session] => send_to(session, &target.subject, &msg, target.frame_type).await,
             sessions => {
-                let results = send_all(sessions, &target.subject, &msg, target.frame_type).await;
+                let results = send_all(
+                    sessions,
+                    &target.subject,
+                    &msg,
+                    target.frame_type,
+                    target.fanout_timeout,
+                )
+                .await;
                 let failed: Vec<&String> =
                     results.iter().filter_map(|r| r.as_ref().err()).collect();
                 match failed.first() {
@@ -149,6 +163,13 @@ impl WsProvider {
                 ))
             }
         }
+    }
+
+    /// The fan-out deadline of a session-API call.
+    fn fanout_of(&self, cx: &Option<Context>) -> Duration {
+        caller(cx).map_or(crate::config::DEFAULT_FANOUT_TIMEOUT, |(component, link)| {
+            self.fanout_timeout(component, link)
+        })
     }
 
     fn session_of(
@@ -263,7 +284,7 @@ impl sessions::Handler<Option<Context>> for WsProvider {
             .into_iter()
             .filter(|s| s.is_connected())
             .collect();
-        let results = send_all(&sessions, &msg.subject, &msg, None).await;
+        let results = send_all(&sessions, &msg.subject, &msg, None, self.fanout_of(&cx)).await;
         Ok(Ok(delivered(self, &results)))
     }
 
@@ -282,7 +303,7 @@ impl sessions::Handler<Option<Context>> for WsProvider {
         };
         sessions.sort_by_key(|s| s.id);
         sessions.dedup_by_key(|s| s.id);
-        let results = send_all(&sessions, &msg.subject, &msg, None).await;
+        let results = send_all(&sessions, &msg.subject, &msg, None, self.fanout_of(&cx)).await;
         Ok(Ok(delivered(self, &results)))
     }
 
@@ -341,7 +362,7 @@ impl sessions::Handler<Option<Context>> for WsProvider {
             .into_iter()
             .filter(|s| s.is_connected())
             .collect();
-        let results = send_all(&members, &msg.subject, &msg, None).await;
+        let results = send_all(&members, &msg.subject, &msg, None, self.fanout_of(&cx)).await;
         Ok(Ok(delivered(self, &results)))
     }
 

@@ -140,6 +140,16 @@ pub async fn run(threads: usize, warnings: Vec<String>) -> anyhow::Result<()> {
         .await
         .context("failed to run provider")?;
     let connection = get_connection();
+    if let Err(error) = provider
+        .watch_link_deletes(
+            (*connection.nats).clone(),
+            &connection.lattice,
+            connection.provider_key(),
+        )
+        .await
+    {
+        tracing::warn!(error = %format!("{error:#}"), "cannot follow link deletes; a consumer and a sessions link of the same name may be confused");
+    }
     // The exports are served on the SDK's lattice connection by our own server (`wrpc`), which
     // cannot lose a caller's parameters the way wrpc-transport-nats 0.29 can.
     let server = wrpc::Server::new(

@@ -151,11 +151,14 @@ impl Accept for Sessions {
             });
             let _ = inbound
                 .queue
-                .try_send(Box::new(Queued::Lifecycle(BrokerMessage {
-                    subject: LIFECYCLE_CONNECTED.to_string(),
-                    body: Bytes::from(body.to_string()),
-                    reply_to: session.tracking.then(|| session.subject()),
-                })));
+                .try_send(Box::new(Queued::lifecycle(
+                    BrokerMessage {
+                        subject: LIFECYCLE_CONNECTED.to_string(),
+                        body: Bytes::from(body.to_string()),
+                        reply_to: session.tracking.then(|| session.subject()),
+                    },
+                    &self.link_name,
+                )));
         }
         let guard = Guard {
             session,
@@ -192,8 +195,9 @@ impl Accept for Sessions {
                 reply_to: None,
             };
             // Queued behind the session's last messages, so it is delivered after them.
+            let link = self.link_name.clone();
             tokio::spawn(async move {
-                let _ = queue.send(Box::new(Queued::Lifecycle(message))).await;
+                let _ = queue.send(Box::new(Queued::lifecycle(message, &link))).await;
             });
         }
     }

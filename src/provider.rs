@@ -1,9 +1,16 @@
 //! The wasmCloud glue: links become connections, and health and shutdown report on them.
 //!
-//! Link state is keyed by (component ID, link name) in each direction:
-//! - a provider->component `handler` link always uses a connection, and asks for its frames;
+//! Link state is keyed by (component ID, link name) and interface:
+//! - a provider->component `handler` link always uses a connection (or a listener, in server
+//!   mode), and asks for its frames;
 //! - a component->provider `consumer` link opens a connection only when its own config sets
-//!   `URI`; otherwise the component's publishes use its handler-link connection.
+//!   `URI`; otherwise the component's publishes use its handler-link connection;
+//! - a component->provider `sessions` link (the session API) holds no connection; it may set
+//!   `FANOUT_TIMEOUT_MS` for the session API's fan-outs.
+//!
+//! A consumer and a sessions link of one component often share a name (`default`), and the
+//! SDK's delete callback does not say which interface went; when both exist, the provider's
+//! own subscription to the host's link-delete messages tells (see [`WsProvider::watch_link_deletes`]).
 //!
 //! Links of one component whose endpoints (URI, token, headers) are equal share one connection
 //! through a pool of weak references; the connection closes when its last link is deleted.
@@ -30,11 +37,12 @@ use crate::wrpc::{ComponentClient, Invoker};
 use crate::ws::socket::ConnState;
 
 /// Where a publish goes: the sessions, the frame type chosen by the consumer link (if it set
-/// one), and the subject written in an envelope.
+/// one), the subject written in an envelope, and the deadline of a fan-out.
 pub struct Target {
     pub sessions: Vec<Arc<Session>>,
     pub frame_type: Option<FrameType>,
     pub subject: String,
+    pub fanout_timeout: Duration,
 }
 
 /// The SDK's secret values as strings; a secret whose bytes are not UTF-8 is left out (with a
@@ -65,6 +73,7 @@ type LinkKey = (String, String);
 enum Direction {
     Handler,
     Consumer,
+    Sessions,
 }
 
 impl Direction {
@@ -72,9 +81,23 @@ impl Direction {
         match self {
             Direction::Handler => "handler",
             Direction::Consumer => "consumer",
+            Direction::Sessions => "sessions",
+        }
+    }
+
+    /// The component->provider interface a link's WIT namespace and package name.
+    fn of_target(namespace: &str, package: &str) -> Self {
+        if namespace == "wasmcloud-websocket" && package == "provider" {
+            Direction::Sessions
+        } else {
+            Direction::Consumer
         }
     }
 }
+
+/// How long a delete of a component->provider link waits for the host's delete message to
+/// say which interface it was, when a consumer and a sessions link share the name.
+const DELETE_HINT_WAIT: Duration = Duration::from_secs(2);
 
 /// A provider->component link: its connection, whose frames it receives.
 struct HandlerLink {
@@ -92,6 +115,12 @@ impl Drop for HandlerLink {
 struct ConsumerLink {
     conn: Option<Arc<Connection>>,
     frame_type: Option<FrameType>,
+    fanout_timeout: Duration,
+}
+
+/// A component->provider link to the session API.
+struct SessionsLink {
+    fanout_timeout: Duration,
 }
 
 /// A provider->component link in server mode: its listener and the subject of its clients.
@@ -105,6 +134,7 @@ struct Links {
     handlers: HashMap<LinkKey, HandlerLink>,
     servers: HashMap<LinkKey, ServerLink>,
     consumers: HashMap<LinkKey, ConsumerLink>,
+    sessions: HashMap<LinkKey, SessionsLink>,
     pool: HashMap<(String, Endpoint), Weak<Connection>>,
     /// Links whose config was refused, with the reason (reported by health).
     errors: HashMap<(Direction, LinkKey), String>,
@@ -129,6 +159,12 @@ struct Inner {
     links: Mutex<Links>,
     /// The client for calls into components, connected on first use.
     invoker: tokio::sync::OnceCell<Invoker>,
+    /// Component->provider links the host said it deleted (from its delete messages), with
+    /// their interface, until the SDK's delete callback takes them.
+    deleted: Mutex<Vec<(LinkKey, Direction, std::time::Instant)>>,
+    deleted_seen: tokio::sync::Notify,
+    /// Problems with the provider's own config, for health.
+    config_problems: Mutex<Vec<String>>,
 }
 
 /// The WebSocket messaging provider. Cheap to clone: all state is shared.
@@ -152,6 +188,9 @@ impl WsProvider {
                 stats: Arc::default(),
                 links: Mutex::default(),
                 invoker: tokio::sync::OnceCell::new(),
+                deleted: Mutex::default(),
+                deleted_seen: tokio::sync::Notify::new(),
+                config_problems: Mutex::default(),
             }),
         }
     }
@@ -220,7 +259,7 @@ impl WsProvider {
             (component.to_string(), settings.endpoint.clone()),
             Arc::downgrade(&conn),
         );
-        info!(component, session = %conn.session.id, uri = %settings.endpoint.uri, "opened connection");
+        info!(component, session = %conn.session.id, uri = %settings.endpoint.redacted_uri(), "opened connection");
         Ok(conn)
     }
 
@@ -254,6 +293,16 @@ impl WsProvider {
             return self.put_server_link(key, &settings).await;
         }
         let conn = self.connection(component, link_name, &settings).await?;
+        // A re-put replaces the link: its old state goes first (its `Drop` detaches its route),
+        // then the new route attaches (a server link of the same name is stopped too).
+        let (old, old_server) = {
+            let mut links = self.links();
+            (links.handlers.remove(&key), links.servers.remove(&key))
+        };
+        drop(old);
+        if let Some(server) = old_server {
+            self.stop_server_link(component, link_name, server).await;
+        }
         conn.session.add_route(Route {
             link_name: link_name.to_string(),
             subject: settings.inbound_subject(link_name),
@@ -267,12 +316,22 @@ impl WsProvider {
                 link_name: link_name.to_string(),
             },
         );
+        links.prune_pool();
         Ok(())
     }
 
     async fn put_server_link(&self, key: LinkKey, settings: &LinkSettings) -> anyhow::Result<()> {
         let (component, link_name) = (&key.0, &key.1);
         let wrpc = self.wrpc_for(component).await?;
+        // A re-put replaces the link: the old listener lets go of its address first.
+        let (old, old_server) = {
+            let mut links = self.links();
+            (links.handlers.remove(&key), links.servers.remove(&key))
+        };
+        drop(old);
+        if let Some(server) = old_server {
+            self.stop_server_link(component, link_name, server).await;
+        }
         let listener = match Listener::start(
             component,
             link_name,
@@ -304,7 +363,20 @@ impl WsProvider {
         link: &LinkConfig<'_>,
     ) -> anyhow::Result<()> {
         let key = (component.to_string(), link_name.to_string());
-        let settings = self.settings_or_record(Direction::Consumer, &key, link)?;
+        let (namespace, package, _) = link.wit_metadata;
+        let direction = Direction::of_target(namespace, package);
+        let settings = self.settings_or_record(direction, &key, link)?;
+        if direction == Direction::Sessions {
+            let mut links = self.links();
+            links.errors.remove(&(direction, key.clone()));
+            links.sessions.insert(
+                key,
+                SessionsLink {
+                    fanout_timeout: settings.fanout_timeout,
+                },
+            );
+            return Ok(());
+        }
         if settings.server.is_some() {
             let e = "MODE=server belongs on the handler link (provider -> component), not the consumer link".to_string();
             self.record_error(Direction::Consumer, key, e.clone());
@@ -322,25 +394,138 @@ impl WsProvider {
             .then_some(settings.frame_type);
         let mut links = self.links();
         links.errors.remove(&(Direction::Consumer, key.clone()));
-        links
-            .consumers
-            .insert(key, ConsumerLink { conn, frame_type });
+        links.consumers.insert(
+            key,
+            ConsumerLink {
+                conn,
+                frame_type,
+                fanout_timeout: settings.fanout_timeout,
+            },
+        );
+        links.prune_pool();
+        Ok(())
+    }
+
+    /// Stops a server link: its clients' queued frames are dropped (their link is gone), then
+    /// the listener lets go of its address and closes every client (1001).
+    async fn stop_server_link(&self, component: &str, link_name: &str, server: ServerLink) {
+        for session in self.inner.registry.clients_of_link(component, link_name) {
+            session.remove_route(link_name);
+        }
+        server.listener.close(SHUTDOWN_GRACE).await;
+    }
+
+    /// Which component->provider link of `key` the host deleted: the only one there is, or
+    /// (when a consumer and a sessions link share the name) the one its delete message named.
+    async fn deleted_target(&self, key: &LinkKey) -> Option<Direction> {
+        let (consumer, sessions) = {
+            let links = self.links();
+            (
+                links.consumers.contains_key(key)
+                    || links.errors.contains_key(&(Direction::Consumer, key.clone())),
+                links.sessions.contains_key(key)
+                    || links.errors.contains_key(&(Direction::Sessions, key.clone())),
+            )
+        };
+        match (consumer, sessions) {
+            (true, false) => return Some(Direction::Consumer),
+            (false, true) => return Some(Direction::Sessions),
+            (false, false) => return None,
+            (true, true) => {}
+        }
+        let deadline = tokio::time::Instant::now() + DELETE_HINT_WAIT;
+        loop {
+            let seen = self.inner.deleted_seen.notified();
+            {
+                let mut deleted = self.inner.deleted.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(i) = deleted.iter().position(|(k, _, _)| k == key) {
+                    return Some(deleted.remove(i).1);
+                }
+            }
+            if tokio::time::timeout_at(deadline, seen).await.is_err() {
+                warn!(component = %key.0, link = %key.1,
+                    "a consumer and a sessions link share this name, and the host's delete message did not say which one went; both kept");
+                return None;
+            }
+        }
+    }
+
+    /// Follows the host's link-delete messages for this provider, so that a delete of one of
+    /// two component->provider links with the same name removes the right one.
+    pub async fn watch_link_deletes(
+        &self,
+        nats: async_nats::Client,
+        lattice: &str,
+        provider_id: &str,
+    ) -> anyhow::Result<()> {
+        #[derive(serde::Deserialize)]
+        struct Deleted {
+            source_id: String,
+            target: String,
+            #[serde(default)]
+            name: Option<String>,
+            wit_namespace: String,
+            wit_package: String,
+        }
+        let subject = format!("wasmbus.rpc.{lattice}.{provider_id}.linkdefs.del");
+        let mut deletes = nats
+            .subscribe(subject)
+            .await
+            .context("failed to follow link deletes")?;
+        let provider_id = provider_id.to_string();
+        let inner = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            use futures::StreamExt as _;
+            while let Some(message) = deletes.next().await {
+                let Ok(deleted) = serde_json::from_slice::<Deleted>(&message.payload) else {
+                    continue;
+                };
+                if deleted.target != provider_id {
+                    continue;
+                }
+                let Some(inner) = inner.upgrade() else { return };
+                let key = (
+                    deleted.source_id,
+                    deleted.name.unwrap_or_else(|| "default".to_string()),
+                );
+                let direction = Direction::of_target(&deleted.wit_namespace, &deleted.wit_package);
+                let mut list = inner.deleted.lock().unwrap_or_else(|e| e.into_inner());
+                list.retain(|(_, _, at)| at.elapsed() < Duration::from_secs(30));
+                list.push((key, direction, std::time::Instant::now()));
+                drop(list);
+                inner.deleted_seen.notify_waiters();
+            }
+        });
         Ok(())
     }
 
     async fn remove_link(&self, direction: Direction, component: &str, link_name: &str) {
         let key = (component.to_string(), link_name.to_string());
+        let direction = match direction {
+            Direction::Handler => Direction::Handler,
+            _ => match self.deleted_target(&key).await {
+                Some(direction) => direction,
+                None => return,
+            },
+        };
         let removed_any;
+        let server;
         {
             let mut links = self.links();
             links.errors.remove(&(direction, key.clone()));
+            server = match direction {
+                Direction::Handler => links.servers.remove(&key),
+                _ => None,
+            };
             removed_any = match direction {
-                Direction::Handler => {
-                    links.handlers.remove(&key).is_some() | links.servers.remove(&key).is_some()
-                }
+                Direction::Handler => links.handlers.remove(&key).is_some() | server.is_some(),
                 Direction::Consumer => links.consumers.remove(&key).is_some(),
+                Direction::Sessions => links.sessions.remove(&key).is_some(),
             };
             links.prune_pool();
+        }
+        if let Some(server) = server {
+            self.stop_server_link(component, link_name, server).await;
         }
         info!(
             direction = direction.as_str(),
@@ -367,10 +552,12 @@ impl WsProvider {
             .consumers
             .get(&(component.to_string(), link_name.to_string()));
         let frame_type = consumer.and_then(|c| c.frame_type);
+        let fanout_timeout = self.fanout_timeout_of(&links, component, link_name);
         let target = |sessions: Vec<Arc<Session>>, subject: &str| Target {
             sessions,
             frame_type,
             subject: subject.to_string(),
+            fanout_timeout,
         };
         if let Some(named) = parse_session_subject(subject) {
             let session = self
@@ -417,14 +604,27 @@ impl WsProvider {
         }
     }
 
-    /// The connected clients of one of `component`'s server-mode links.
+    /// The deadline of one fan-out made on `component`'s link `link_name`: the consumer link's
+    /// `FANOUT_TIMEOUT_MS`, else the sessions link's, else the default.
+    fn fanout_timeout_of(&self, links: &Links, component: &str, link_name: &str) -> Duration {
+        let key = (component.to_string(), link_name.to_string());
+        links
+            .consumers
+            .get(&key)
+            .map(|c| c.fanout_timeout)
+            .or_else(|| links.sessions.get(&key).map(|s| s.fanout_timeout))
+            .unwrap_or(crate::config::DEFAULT_FANOUT_TIMEOUT)
+    }
+
+    /// The deadline of one fan-out of the session API called on `link_name`.
+    pub fn fanout_timeout(&self, component: &str, link_name: &str) -> Duration {
+        self.fanout_timeout_of(&self.links(), component, link_name)
+    }
+
+    /// The clients of one of `component`'s server-mode links, tracked or not: the link's
+    /// subject names all of them.
     fn server_clients(&self, component: &str, link_name: &str) -> Vec<Arc<Session>> {
-        self.inner
-            .registry
-            .owned_by(component)
-            .into_iter()
-            .filter(|s| s.link_name == link_name && s.request.is_some())
-            .collect()
+        self.inner.registry.clients_of_link(component, link_name)
     }
 
     /// The caller's own tracked session `id` (a UUID string).
@@ -481,6 +681,14 @@ impl WsProvider {
                 format!("{} link {link:?} of {component}: {e}", dir.as_str())
             })
             .collect();
+        problems.extend(
+            self.inner
+                .config_problems
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|p| format!("provider config: {p}")),
+        );
         let conns =
             links
                 .handlers
@@ -512,6 +720,17 @@ impl Provider for WsProvider {
     async fn init(&self, init: impl ProviderInitConfig) -> anyhow::Result<()> {
         let defaults =
             ProviderDefaults::new(init.get_config(), &secret_strings(init.get_secrets()));
+        match defaults.inbound_budget() {
+            Ok(bytes) => crate::dispatch::set_inbound_budget(bytes),
+            Err(e) => {
+                error!(error = %e, "provider config refused; using the default");
+                self.inner
+                    .config_problems
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(e.to_string());
+            }
+        }
         *self
             .inner
             .defaults
@@ -576,6 +795,7 @@ impl Provider for WsProvider {
             let mut links = self.links();
             links.pool.clear();
             links.errors.clear();
+            links.sessions.clear();
             (
                 std::mem::take(&mut links.handlers),
                 std::mem::take(&mut links.consumers),

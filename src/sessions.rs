@@ -84,6 +84,8 @@ pub struct Session {
     write_timeout: std::time::Duration,
     close_slow: bool,
     kick: tokio::sync::Notify,
+    /// Woken when a handler link attaches (see [`Session::wait_for_route`]).
+    route_added: tokio::sync::Notify,
 }
 
 /// The upgrade request of a server-mode session.
@@ -193,6 +195,7 @@ impl Session {
             write_timeout: options.write_timeout,
             close_slow: options.close_slow,
             kick: tokio::sync::Notify::new(),
+            route_added: tokio::sync::Notify::new(),
         }
     }
 
@@ -266,6 +269,11 @@ impl Session {
         lock(&self.pending).remove(inbox);
     }
 
+    /// Ends every request waiting for a reply on this session: the session is gone.
+    fn end_requests(&self) {
+        lock(&self.pending).clear();
+    }
+
     /// Hands `envelope` to the request waiting on its subject; gives it back if none waits.
     pub fn resolve_reply(&self, envelope: Envelope) -> Option<Envelope> {
         let waiting = lock(&self.pending).remove(&envelope.subject);
@@ -308,18 +316,40 @@ impl Session {
 
     /// The handler link that receives inbound frames now, if any.
     pub fn route(&self) -> Option<Route> {
-        self.routes.lock().ok().and_then(|r| r.first().cloned())
+        lock(&self.routes).first().cloned()
     }
 
+    /// Attaches a handler link (a re-put replaces the link's earlier route).
     pub fn add_route(&self, route: Route) {
-        if let Ok(mut routes) = self.routes.lock() {
+        {
+            let mut routes = lock(&self.routes);
+            routes.retain(|r| r.link_name != route.link_name);
             routes.push(route);
         }
+        self.route_added.notify_waiters();
     }
 
     pub fn remove_route(&self, link_name: &str) {
-        if let Ok(mut routes) = self.routes.lock() {
-            routes.retain(|r| r.link_name != link_name);
+        lock(&self.routes).retain(|r| r.link_name != link_name);
+    }
+
+    /// Whether handler link `link_name` still takes this session's frames.
+    pub fn has_route(&self, link_name: &str) -> bool {
+        lock(&self.routes).iter().any(|r| r.link_name == link_name)
+    }
+
+    /// The handler link that takes inbound frames, waiting up to `wait` for one to attach.
+    pub async fn wait_for_route(&self, wait: std::time::Duration) -> Option<Route> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before the check, so an attach between the two is not missed.
+            let attached = self.route_added.notified();
+            if let Some(route) = self.route() {
+                return Some(route);
+            }
+            if tokio::time::timeout_at(deadline, attached).await.is_err() {
+                return self.route();
+            }
         }
     }
 
@@ -329,6 +359,31 @@ impl Session {
         if !self.is_connected() {
             self.wait_connected().await?;
         }
+        let deadline = tokio::time::Instant::now() + self.write_timeout;
+        self.send_until(message, deadline, true).await
+    }
+
+    /// One frame of a fan-out: queued at once (a disconnected session fails at once), and
+    /// waited for until the fan-out's one `deadline`. A session that has not written it by
+    /// then counts as not reached (the frame may still be written); only a full queue counts
+    /// as a slow consumer.
+    pub async fn send_fanout(
+        &self,
+        message: Message,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), String> {
+        if !self.is_connected() {
+            return Err(format!("session {} is not connected", self.id));
+        }
+        self.send_until(message, deadline, false).await
+    }
+
+    async fn send_until(
+        &self,
+        message: Message,
+        deadline: tokio::time::Instant,
+        slow_on_timeout: bool,
+    ) -> Result<(), String> {
         let (ack, done) = oneshot::channel();
         self.outbound
             .try_send(Box::new(Outbound {
@@ -341,21 +396,26 @@ impl Session {
                 }
                 mpsc::error::TrySendError::Closed(_) => format!("session {} is closed", self.id),
             })?;
-        match tokio::time::timeout(self.write_timeout, done).await {
+        match tokio::time::timeout_at(deadline, done).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(format!("session {} closed before the write", self.id)),
-            Err(_) => Err(self.slow_consumer(format!(
+            Err(_) if slow_on_timeout => Err(self.slow_consumer(format!(
                 "session {} did not take the frame within {} ms: the peer is not reading (the frame may still be written)",
                 self.id,
                 self.write_timeout.as_millis()
             ))),
+            Err(_) => Err(format!(
+                "session {} did not take the frame before the fan-out's deadline (it may still be written)",
+                self.id
+            )),
         }
     }
 
     /// Applies the slow-consumer policy and returns the error for the publisher.
     fn slow_consumer(&self, error: String) -> String {
         if self.close_slow {
-            self.kick.notify_one();
+            // Only the socket being served now is kicked: no permit is stored for a later one.
+            self.kick.notify_waiters();
             format!("{error}; the session is being closed (SLOW_CONSUMER=close)")
         } else {
             error
@@ -458,6 +518,8 @@ impl Registry {
         let Some((_, session)) = self.sessions.remove(id) else {
             return;
         };
+        // Requests waiting for this session's peer fail now, not at their timeout.
+        session.end_requests();
         let groups = std::mem::take(&mut *lock(&session.groups));
         for group in groups {
             let key = (session.component_id.clone(), group);
@@ -528,6 +590,29 @@ impl Registry {
             .get(id)
             .filter(|s| s.component_id == component_id && s.tracking)
             .map(|s| Arc::clone(s.value()))
+    }
+
+    /// Every session (tracked or not) that server link `link_name` of `component_id` accepted.
+    pub fn clients_of_link(&self, component_id: &str, link_name: &str) -> Vec<Arc<Session>> {
+        let mut sessions: Vec<Arc<Session>> = self
+            .sessions
+            .iter()
+            .filter(|s| {
+                s.component_id == component_id && s.link_name == link_name && s.request.is_some()
+            })
+            .map(|s| Arc::clone(s.value()))
+            .collect();
+        sessions.sort_by_key(|s| s.id);
+        sessions
+    }
+
+    /// Every session (tracked or not) of `component_id` that takes frames from `link_name`.
+    pub fn routed_to(&self, component_id: &str, link_name: &str) -> Vec<Arc<Session>> {
+        self.sessions
+            .iter()
+            .filter(|s| s.component_id == component_id && s.has_route(link_name))
+            .map(|s| Arc::clone(s.value()))
+            .collect()
     }
 
     /// The tracked sessions of `component_id`, ordered by ID.

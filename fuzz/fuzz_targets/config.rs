@@ -1,5 +1,6 @@
 //! Fuzzes link-config parsing (`src/config.rs`): any keys and values a manifest may hold must
-//! give settings or an error that names a key, never a panic.
+//! give settings or an error that names a key, never a panic; accepted settings must also
+//! build the link's runtime objects (queues, semaphores, deadlines) without a panic.
 #![no_main]
 
 #[path = "../../src/config.rs"]
@@ -29,7 +30,8 @@ fuzz_target!(|data: &[u8]| {
         .map(|(k, v)| (k["secret.".len()..].to_string(), v.clone()))
         .collect();
     let defaults = config::ProviderDefaults::new(&provider, &HashMap::new());
-    if let Err(e) = defaults.link_settings(&link, &secrets) {
-        assert!(!e.key.is_empty());
+    match defaults.link_settings(&link, &secrets) {
+        Ok(settings) => settings.build_runtime_objects(),
+        Err(e) => assert!(!e.key.is_empty()),
     }
 });

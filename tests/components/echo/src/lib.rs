@@ -14,6 +14,8 @@
 //! - `!flood-all <subject> <count> <size>`: the same, going on past failures, answering
 //!   `FLOODALL <ok> OK <failed> ERR <first error>`;
 //! - `!fail`: returns an error from `handle-message` (nothing is answered); `!trap`: traps;
+//! - `!sleep <ms>[ <anything>]`: sleeps, then answers `SLEPT <ms>` (a slow handler; the rest of
+//!   the body, e.g. padding, is ignored; a body that is not UTF-8 after the number is fine too);
 //! - `!flood <subject> <count> <size>`: publishes `count` bodies of `size` bytes, answering
 //!   `FLOOD <count> OK` or `FLOOD <sent> ERR <error>` at the first failure;
 //! - a lifecycle message (`ws.lifecycle.*`) is forwarded as `<subject> <body>` to `out`;
@@ -205,6 +207,12 @@ impl Guest for Echo {
         }
         let answer_to = msg.reply_to.clone().unwrap_or_else(|| "out".to_string());
         let answer = |body: Vec<u8>| consumer::publish(&message(&answer_to, body));
+        if let Some(rest) = msg.body.strip_prefix(b"!sleep ") {
+            let digits: Vec<u8> = rest.iter().copied().take_while(u8::is_ascii_digit).collect();
+            let ms: u64 = std::str::from_utf8(&digits).ok().and_then(|d| d.parse().ok()).unwrap_or(0);
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            return answer(format!("SLEPT {ms}").into_bytes());
+        }
         match std::str::from_utf8(&msg.body) {
             Ok("!fail") => Err("asked to fail".to_string()),
             Ok(text) if text.starts_with('!') => match command(&msg, text) {
