@@ -61,9 +61,14 @@ impl Nats {
             .with_context(|| {
                 format!("failed to start {bin}: install nats-server (apt-get install nats-server)")
             })?;
-        wasmcloud_test_util::nats::wait_for_nats_connection(format!("nats://127.0.0.1:{port}"))
-            .await
-            .context("nats-server did not come up")?;
+        // Up to 30 s: on a machine whose cores are busy, the server can take several seconds.
+        let url = format!("nats://127.0.0.1:{port}");
+        eventually(Duration::from_secs(30), || async {
+            async_nats::connect(&url).await?;
+            Ok(())
+        })
+        .await
+        .context("nats-server did not come up")?;
         Ok(child)
     }
 
@@ -355,6 +360,12 @@ impl Env {
         assert_remove_link(&self.ctl, component, "wasmcloud", "messaging", link).await
     }
 
+    /// Deletes the component's session-API link (named `default`, as [`Env::link_sessions`]).
+    pub async fn unlink_sessions(&self, component: &str) -> Result<()> {
+        assert_remove_link(&self.ctl, component, "wasmcloud-websocket", "provider", "default")
+            .await
+    }
+
     /// Asks the provider for its health, as the host does.
     pub async fn health(&self) -> Result<(bool, Option<String>)> {
         let subject = format!("wasmbus.rpc.{LATTICE}.{PROVIDER_ID}.health");
@@ -458,6 +469,17 @@ fn child_pids_matching(needle: &str) -> Vec<String> {
         }
     }
     pids
+}
+
+/// Prints a measured figure and appends it to `<target>/tmp/figures.txt`, which `.ci/run`
+/// shows at the end (cargo captures the output of tests that pass).
+pub fn figure(line: &str) {
+    use std::io::Write as _;
+    println!("figure: {line}");
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("figures.txt");
+    if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(file, "{line}");
+    }
 }
 
 /// Waits until `check` passes, polling, or fails with the last error after `timeout`.
