@@ -42,6 +42,9 @@ pub const RECONNECT_MAX_MS: &str = "RECONNECT_MAX_MS";
 pub const MAX_MESSAGE_BYTES: &str = "MAX_MESSAGE_BYTES";
 pub const SEND_QUEUE_LEN: &str = "SEND_QUEUE_LEN";
 pub const MAX_IN_FLIGHT: &str = "MAX_IN_FLIGHT";
+pub const HANDSHAKE_TIMEOUT_SEC: &str = "HANDSHAKE_TIMEOUT_SEC";
+pub const MAX_PENDING_HANDSHAKES: &str = "MAX_PENDING_HANDSHAKES";
+pub const MAX_HANDSHAKES_PER_ADDRESS: &str = "MAX_HANDSHAKES_PER_ADDRESS";
 
 pub const DEFAULT_URI: &str = "ws://127.0.0.1:8080";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -128,7 +131,20 @@ pub struct ServerSettings {
     pub lifecycle_events: bool,
     /// Request headers (lower-case names) kept in session info.
     pub session_headers: Vec<String>,
+    /// One deadline for a client's TLS handshake and HTTP upgrade together, from TCP accept.
+    pub handshake_timeout: Duration,
+    /// Connections accepted but not yet admitted; when full, the oldest one is dropped.
+    pub max_pending_handshakes: usize,
+    /// Pending handshakes from one remote IP; a connection beyond it is closed at once.
+    pub max_handshakes_per_address: usize,
 }
+
+/// Default of `HANDSHAKE_TIMEOUT_SEC`; range 1..=300.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of `MAX_PENDING_HANDSHAKES`; range 1..=65536.
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 256;
+/// Default of `MAX_HANDSHAKES_PER_ADDRESS`; range 1..=65536.
+pub const DEFAULT_MAX_HANDSHAKES_PER_ADDRESS: usize = 16;
 
 /// A configuration value that could not be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -462,7 +478,28 @@ fn server_settings<'a>(
     .into_iter()
     .map(|h| h.to_ascii_lowercase())
     .collect();
+    let handshake_timeout = Duration::from_secs(server_ranged(
+        get,
+        HANDSHAKE_TIMEOUT_SEC,
+        DEFAULT_HANDSHAKE_TIMEOUT.as_secs(),
+        300,
+    )?);
+    let max_pending_handshakes = server_ranged(
+        get,
+        MAX_PENDING_HANDSHAKES,
+        DEFAULT_MAX_PENDING_HANDSHAKES as u64,
+        65_536,
+    )? as usize;
+    let max_handshakes_per_address = server_ranged(
+        get,
+        MAX_HANDSHAKES_PER_ADDRESS,
+        DEFAULT_MAX_HANDSHAKES_PER_ADDRESS as u64,
+        65_536,
+    )? as usize;
     Ok(ServerSettings {
+        handshake_timeout,
+        max_pending_handshakes,
+        max_handshakes_per_address,
         listen_address,
         path,
         allowed_origins,
@@ -472,6 +509,25 @@ fn server_settings<'a>(
         lifecycle_events,
         session_headers,
     })
+}
+
+/// A server-mode whole number in `1..=max`, or `default` when the key is unset.
+fn server_ranged<'a>(
+    get: &impl Fn(&str) -> Option<&'a str>,
+    key: &str,
+    default: u64,
+    max: u64,
+) -> Result<u64, ConfigError> {
+    let Some(value) = get(key) else {
+        return Ok(default);
+    };
+    match value.parse::<u64>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(err(
+            key,
+            format!("{value:?} is not a whole number from 1 to {max}"),
+        )),
+    }
 }
 
 fn validate_uri(uri: &str) -> Result<(), ConfigError> {
