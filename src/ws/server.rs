@@ -413,6 +413,8 @@ async fn until_deadline<F: std::future::Future>(
     cancel: &CancellationToken,
 ) -> Option<F::Output> {
     tokio::select! {
+        // Cancel first: once the link is deleted, bytes that arrive later finish no upgrade.
+        biased;
         () = cancel.cancelled() => {
             debug!(addr = %handshake.addr, "handshake cancelled (link deleted or evicted)");
             None
