@@ -147,9 +147,16 @@ impl Server {
             settings.max_handshakes_per_address,
         ));
         info!(address = ?self.local_addr(), path = %self.options.settings.path, "listening");
+        // Reports the end of a burst of dropped handshakes (see `Admission::flush`).
+        let mut report = tokio::time::interval(DROP_WARN_INTERVAL);
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let (stream, addr) = tokio::select! {
                 () = cancel.cancelled() => break,
+                _ = report.tick() => {
+                    admission.flush();
+                    continue;
+                }
                 accepted = self.listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
@@ -365,24 +372,38 @@ impl Admission {
             Dropped::Evicted => counts.evicted += 1,
             Dropped::TimedOut => counts.timed_out += 1,
         }
+        self.warn_if_due(&mut counts);
+    }
+
+    /// Warns with the counts not yet reported, unless a warning went out less than a second ago.
+    /// Also called once a second by the accept loop, so the end of a burst is reported too.
+    fn flush(&self) {
+        self.warn_if_due(&mut lock(&self.dropped));
+    }
+
+    fn warn_if_due(&self, counts: &mut DropCounts) {
+        if counts.per_address + counts.evicted + counts.timed_out == 0 {
+            return;
+        }
         let now = std::time::Instant::now();
         if counts
             .last_warn
-            .is_none_or(|last| now.duration_since(last) >= DROP_WARN_INTERVAL)
+            .is_some_and(|last| now.duration_since(last) < DROP_WARN_INTERVAL)
         {
-            let pending = lock(&self.pending).len();
-            warn!(
-                refused_per_address = counts.per_address,
-                evicted_oldest = counts.evicted,
-                timed_out = counts.timed_out,
-                pending,
-                "connections dropped before admission (counts since the last warning)"
-            );
-            *counts = DropCounts {
-                last_warn: Some(now),
-                ..DropCounts::default()
-            };
+            return;
         }
+        let pending = lock(&self.pending).len();
+        warn!(
+            refused_per_address = counts.per_address,
+            evicted_oldest = counts.evicted,
+            timed_out = counts.timed_out,
+            pending,
+            "connections dropped before admission (counts since the last warning)"
+        );
+        *counts = DropCounts {
+            last_warn: Some(now),
+            ..DropCounts::default()
+        };
     }
 }
 
@@ -898,8 +919,19 @@ mod tests {
         );
         drop((third, fourth));
         assert_eq!(lock(&admission.pending).len(), 0);
-        let counts = lock(&admission.dropped);
-        assert!(counts.last_warn.is_some());
+        {
+            // Refused (per address) and evicted, both within a second: one warning so far.
+            let counts = lock(&admission.dropped);
+            assert!(counts.last_warn.is_some());
+            assert_eq!((counts.per_address, counts.evicted), (0, 1));
+        }
+        // Within the second a flush reports nothing; later it reports and resets the counts.
+        admission.flush();
+        assert_eq!(lock(&admission.dropped).evicted, 1);
+        lock(&admission.dropped).last_warn =
+            std::time::Instant::now().checked_sub(DROP_WARN_INTERVAL);
+        admission.flush();
+        assert_eq!(lock(&admission.dropped).evicted, 0);
     }
 
     #[test]
