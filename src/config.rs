@@ -46,6 +46,9 @@ pub const FANOUT_TIMEOUT_MS: &str = "FANOUT_TIMEOUT_MS";
 pub const HANDLER_WAIT_MS: &str = "HANDLER_WAIT_MS";
 /// Provider config only: the provider-wide budget of inbound bytes waiting for components.
 pub const MAX_INBOUND_BYTES: &str = "MAX_INBOUND_BYTES";
+pub const HANDSHAKE_TIMEOUT_SEC: &str = "HANDSHAKE_TIMEOUT_SEC";
+pub const MAX_PENDING_HANDSHAKES: &str = "MAX_PENDING_HANDSHAKES";
+pub const MAX_HANDSHAKES_PER_ADDRESS: &str = "MAX_HANDSHAKES_PER_ADDRESS";
 
 pub const DEFAULT_URI: &str = "ws://127.0.0.1:8080";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -138,7 +141,20 @@ pub struct ServerSettings {
     pub lifecycle_events: bool,
     /// Request headers (lower-case names) kept in session info.
     pub session_headers: Vec<String>,
+    /// One deadline for a client's TLS handshake and HTTP upgrade together, from TCP accept.
+    pub handshake_timeout: Duration,
+    /// Connections accepted but not yet admitted; when full, the oldest one is dropped.
+    pub max_pending_handshakes: usize,
+    /// Pending handshakes from one remote IP; a connection beyond it is closed at once.
+    pub max_handshakes_per_address: usize,
 }
+
+/// Default of `HANDSHAKE_TIMEOUT_SEC`; range 1..=300.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of `MAX_PENDING_HANDSHAKES`; range 1..=65536.
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 256;
+/// Default of `MAX_HANDSHAKES_PER_ADDRESS`; range 1..=65536.
+pub const DEFAULT_MAX_HANDSHAKES_PER_ADDRESS: usize = 16;
 
 /// A configuration value that could not be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -496,8 +512,7 @@ fn server_settings<'a>(
     let allowed_origins =
         (!origins.is_empty() && !origins.iter().any(|o| o == "*")).then_some(origins);
     let max_connections = match get(MAX_CONNECTIONS) {
-        Some(v) => usize::try_from(parse_positive(MAX_CONNECTIONS, v)?)
-            .map_err(|_| err(MAX_CONNECTIONS, "too large"))?,
+        Some(v) => parse_count(MAX_CONNECTIONS, v)?,
         None => DEFAULT_MAX_CONNECTIONS,
     };
     let tls = match (get(TLS_CERT_FILE), get(TLS_KEY_FILE)) {
@@ -516,7 +531,25 @@ fn server_settings<'a>(
     .into_iter()
     .map(|h| h.to_ascii_lowercase())
     .collect();
+    let handshake_timeout = Duration::from_secs(server_ranged(
+        get,
+        HANDSHAKE_TIMEOUT_SEC,
+        DEFAULT_HANDSHAKE_TIMEOUT.as_secs(),
+    )?);
+    let max_pending_handshakes = server_ranged(
+        get,
+        MAX_PENDING_HANDSHAKES,
+        DEFAULT_MAX_PENDING_HANDSHAKES as u64,
+    )? as usize;
+    let max_handshakes_per_address = server_ranged(
+        get,
+        MAX_HANDSHAKES_PER_ADDRESS,
+        DEFAULT_MAX_HANDSHAKES_PER_ADDRESS as u64,
+    )? as usize;
     Ok(ServerSettings {
+        handshake_timeout,
+        max_pending_handshakes,
+        max_handshakes_per_address,
         listen_address,
         path,
         allowed_origins,
@@ -526,6 +559,18 @@ fn server_settings<'a>(
         lifecycle_events,
         session_headers,
     })
+}
+
+/// A server-mode whole number within its range (see [`RANGES`]), or `default` when unset.
+fn server_ranged<'a>(
+    get: &impl Fn(&str) -> Option<&'a str>,
+    key: &str,
+    default: u64,
+) -> Result<u64, ConfigError> {
+    match get(key) {
+        None => Ok(default),
+        Some(value) => parse_in_range(key, value),
+    }
 }
 
 fn validate_uri(uri: &str) -> Result<(), ConfigError> {
@@ -595,14 +640,6 @@ fn validate_header_value(key: &str, value: &str) -> Result<(), ConfigError> {
         .map_err(|_| err(key, "value contains characters not allowed in a header"))
 }
 
-fn parse_positive(key: &str, value: &str) -> Result<u64, ConfigError> {
-    match value.parse::<u64>() {
-        Ok(0) => Err(err(key, "must be greater than zero")),
-        Ok(n) => Ok(n),
-        Err(_) => Err(err(key, format!("{value:?} is not a whole number"))),
-    }
-}
-
 /// The documented range of each numeric key: `(key, least, most)`. A value outside it is
 /// refused with an error naming the key, so no setting can overflow a timer or a queue.
 pub const RANGES: &[(&str, u64, u64)] = &[
@@ -621,6 +658,10 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     (FANOUT_TIMEOUT_MS, 1, 3_600_000),
     (HANDLER_WAIT_MS, 0, 3_600_000),
     (MAX_INBOUND_BYTES, 1024 * 1024, 1 << 40),
+    (MAX_CONNECTIONS, 1, 1_000_000),
+    (HANDSHAKE_TIMEOUT_SEC, 1, 300),
+    (MAX_PENDING_HANDSHAKES, 1, 65_536),
+    (MAX_HANDSHAKES_PER_ADDRESS, 1, 65_536),
 ];
 
 /// Parses `value` as a whole number within `key`'s range (see [`RANGES`]).
@@ -799,19 +840,39 @@ mod tests {
 
     #[test]
     fn every_numeric_key_has_a_range_and_refuses_values_outside_it() {
+        let server_keys = [
+            MAX_CONNECTIONS,
+            HANDSHAKE_TIMEOUT_SEC,
+            MAX_PENDING_HANDSHAKES,
+            MAX_HANDSHAKES_PER_ADDRESS,
+        ];
         for (key, lo, hi) in RANGES {
             if *key == MAX_INBOUND_BYTES {
                 continue; // provider config only
             }
-            let e = parse(&[], &[(key, &(hi + 1).to_string())]).expect_err(key);
+            let mode: &[(&str, &str)] = if server_keys.contains(key) {
+                &[("MODE", "server"), ("LISTEN_ADDRESS", "127.0.0.1:1")]
+            } else {
+                &[]
+            };
+            let with = |value: String| {
+                let mut pairs: Vec<(&str, String)> =
+                    mode.iter().map(|(k, v)| (*k, v.to_string())).collect();
+                pairs.push((key, value));
+                let pairs: Vec<(String, String)> =
+                    pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+                ProviderDefaults::default().link_settings(&pairs.into_iter().collect(), &HashMap::new())
+            };
+            let e = with((hi + 1).to_string()).expect_err(key);
             assert_eq!(e.key, *key, "{e}");
             assert!(e.to_string().contains("out of range"), "{e}");
             if *lo > 0 {
-                let e = parse(&[], &[(key, &(lo - 1).to_string())]).expect_err(key);
+                let e = with((lo - 1).to_string()).expect_err(key);
                 assert_eq!(e.key, *key, "{e}");
             }
             let top = hi.to_string();
             let mut pairs = vec![(*key, top.as_str())];
+            pairs.extend_from_slice(mode);
             if *key == RECONNECT_MIN_MS {
                 pairs.push((RECONNECT_MAX_MS, "86400000"));
             }

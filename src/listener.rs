@@ -52,7 +52,6 @@ impl Listener {
             settings: server_settings,
             token: settings.endpoint.auth_token.clone(),
             max_message_bytes: settings.max_message_bytes,
-            handshake_timeout: settings.connect_timeout,
             keepalive: settings.keepalive,
         })
         .await?;

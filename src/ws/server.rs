@@ -8,12 +8,22 @@
 //! to an [`Accept`] owner, which gives it a frame sink and an outbound queue; the socket is then
 //! served by [`socket::serve`] until it drops or the listener is cancelled (close code 1001).
 //!
+//! Before admission a connection is a pending handshake, bounded three ways: one deadline
+//! (`HANDSHAKE_TIMEOUT_SEC`) covers TLS and the upgrade together from TCP accept; at most
+//! `MAX_PENDING_HANDSHAKES` are pending at once, and a new connection beyond that drops the
+//! oldest pending one (an idle attacker is always older than a real client, which finishes in
+//! milliseconds); at most `MAX_HANDSHAKES_PER_ADDRESS` are pending from one remote IP, and a
+//! connection beyond that is closed at once. Pending handshakes do not count against
+//! `MAX_CONNECTIONS`. Cancelling the listener (link deleted) drops pending handshakes too, so no
+//! session opens after it. The `access_token` query parameter never reaches [`PeerInfo`].
+//!
 //! This module knows nothing of wasmCloud or sessions.
 
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
@@ -21,10 +31,12 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument as _};
@@ -41,7 +53,6 @@ pub struct ServerOptions {
     pub settings: ServerSettings,
     pub token: Option<Secret>,
     pub max_message_bytes: usize,
-    pub handshake_timeout: Duration,
     pub keepalive: Keepalive,
 }
 
@@ -50,6 +61,8 @@ pub struct ServerOptions {
 pub struct PeerInfo {
     pub addr: SocketAddr,
     pub path: String,
+    /// The request's query string without the `access_token` parameter; `None` when nothing
+    /// else was in it.
     pub query: Option<String>,
     /// The configured session headers the request carried (lower-case names).
     pub headers: Vec<(String, String)>,
@@ -128,10 +141,22 @@ impl Server {
     pub async fn run<A: Accept>(self, acceptor: Arc<A>, cancel: CancellationToken) {
         let tracker = TaskTracker::new();
         let active = Arc::new(AtomicUsize::new(0));
+        let settings = &self.options.settings;
+        let admission = Arc::new(Admission::new(
+            settings.max_pending_handshakes,
+            settings.max_handshakes_per_address,
+        ));
         info!(address = ?self.local_addr(), path = %self.options.settings.path, "listening");
+        // Reports the end of a burst of dropped handshakes (see `Admission::flush`).
+        let mut report = tokio::time::interval(DROP_WARN_INTERVAL);
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let (stream, addr) = tokio::select! {
                 () = cancel.cancelled() => break,
+                _ = report.tick() => {
+                    admission.flush();
+                    continue;
+                }
                 accepted = self.listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
@@ -141,17 +166,29 @@ impl Server {
                     }
                 },
             };
+            // The deadline starts at accept and covers TLS and the upgrade together.
+            let deadline = Instant::now() + settings.handshake_timeout;
+            let token = cancel.child_token();
+            let Some(ticket) = admission.enter(addr, token.clone()) else {
+                // Over the per-address cap: closed at once, before any byte is read.
+                drop(stream);
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             // Everything a connection logs names its peer (and the listener's span, its link).
             let span = tracing::info_span!("connection", peer = %addr);
             tracker.spawn(
                 connection(
                     stream,
-                    addr,
+                    Handshake {
+                        addr,
+                        deadline,
+                        ticket,
+                    },
                     Arc::clone(&self.options),
                     self.tls.clone(),
                     Arc::clone(&acceptor),
-                    cancel.child_token(),
+                    token,
                     Arc::clone(&active),
                 )
                 .instrument(span),
@@ -172,35 +209,282 @@ impl Drop for Slot {
     }
 }
 
+/// Why a connection was dropped before admission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dropped {
+    /// Its remote address had `MAX_HANDSHAKES_PER_ADDRESS` pending already.
+    PerAddress,
+    /// `MAX_PENDING_HANDSHAKES` were pending and it was the oldest.
+    Evicted,
+    /// It did not finish TLS and the upgrade within `HANDSHAKE_TIMEOUT_SEC`.
+    TimedOut,
+}
+
+/// Pending handshakes, oldest first, counted per remote IP. Generic over what each entry holds
+/// (the listener keeps the connection's cancel token there) so the bookkeeping stands alone.
+#[derive(Debug)]
+struct Handshakes<T> {
+    max_total: usize,
+    max_per_address: usize,
+    next_id: u64,
+    /// By entry order: the first is the oldest.
+    order: BTreeMap<u64, (IpAddr, T)>,
+    per_address: HashMap<IpAddr, usize>,
+}
+
+/// The outcome of [`Handshakes::enter`].
+#[derive(Debug, PartialEq, Eq)]
+enum Entered<T> {
+    /// The address is at its cap: the connection must be closed.
+    Refused,
+    /// Pending as `id`; `evicted` is the oldest entry's value when it was dropped to make room.
+    Pending { id: u64, evicted: Option<T> },
+}
+
+impl<T> Handshakes<T> {
+    fn new(max_total: usize, max_per_address: usize) -> Self {
+        Self {
+            max_total: max_total.max(1),
+            max_per_address: max_per_address.max(1),
+            next_id: 0,
+            order: BTreeMap::new(),
+            per_address: HashMap::new(),
+        }
+    }
+
+    fn enter(&mut self, ip: IpAddr, value: T) -> Entered<T> {
+        if self.from(ip) >= self.max_per_address {
+            return Entered::Refused;
+        }
+        let evicted = if self.order.len() >= self.max_total {
+            self.order.pop_first().map(|(_, (old_ip, old))| {
+                self.release(old_ip);
+                old
+            })
+        } else {
+            None
+        };
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.order.insert(id, (ip, value));
+        *self.per_address.entry(ip).or_insert(0) += 1;
+        Entered::Pending { id, evicted }
+    }
+
+    /// The handshake `id` ended (admitted, failed or timed out); false when it was evicted.
+    fn leave(&mut self, id: u64) -> bool {
+        match self.order.remove(&id) {
+            Some((ip, _)) => {
+                self.release(ip);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn release(&mut self, ip: IpAddr) {
+        if let Some(count) = self.per_address.get_mut(&ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.per_address.remove(&ip);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    fn from(&self, ip: IpAddr) -> usize {
+        self.per_address.get(&ip).copied().unwrap_or(0)
+    }
+}
+
+/// Connections dropped before admission since the last warning.
+#[derive(Debug, Default)]
+struct DropCounts {
+    per_address: u64,
+    evicted: u64,
+    timed_out: u64,
+    last_warn: Option<std::time::Instant>,
+}
+
+/// How often at most the listener warns about dropped handshakes (with counts).
+const DROP_WARN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One listener's pending handshakes and what it dropped.
+struct Admission {
+    pending: Mutex<Handshakes<CancellationToken>>,
+    dropped: Mutex<DropCounts>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Admission {
+    fn new(max_total: usize, max_per_address: usize) -> Self {
+        Self {
+            pending: Mutex::new(Handshakes::new(max_total, max_per_address)),
+            dropped: Mutex::new(DropCounts::default()),
+        }
+    }
+
+    /// Registers a new connection from `addr`; `None` when it must be closed at once. Evicts
+    /// (cancels) the oldest pending handshake when the listener is full.
+    fn enter(self: &Arc<Self>, addr: SocketAddr, token: CancellationToken) -> Option<Ticket> {
+        let ip = addr.ip().to_canonical();
+        let entered = lock(&self.pending).enter(ip, token);
+        match entered {
+            Entered::Refused => {
+                self.note(Dropped::PerAddress, addr);
+                None
+            }
+            Entered::Pending { id, evicted } => {
+                if let Some(oldest) = evicted {
+                    oldest.cancel();
+                    self.note(Dropped::Evicted, addr);
+                }
+                Some(Ticket {
+                    admission: Arc::clone(self),
+                    id,
+                })
+            }
+        }
+    }
+
+    /// Counts a dropped handshake: logs it at debug, and warns at most once a second.
+    fn note(&self, why: Dropped, addr: SocketAddr) {
+        match why {
+            Dropped::PerAddress => {
+                debug!(%addr, "too many pending handshakes from this address; closed")
+            }
+            Dropped::Evicted => {
+                debug!(%addr, "pending handshakes full; the oldest was dropped for this one")
+            }
+            Dropped::TimedOut => debug!(%addr, "handshake timed out"),
+        }
+        let mut counts = lock(&self.dropped);
+        match why {
+            Dropped::PerAddress => counts.per_address += 1,
+            Dropped::Evicted => counts.evicted += 1,
+            Dropped::TimedOut => counts.timed_out += 1,
+        }
+        self.warn_if_due(&mut counts);
+    }
+
+    /// Warns with the counts not yet reported, unless a warning went out less than a second ago.
+    /// Also called once a second by the accept loop, so the end of a burst is reported too.
+    fn flush(&self) {
+        self.warn_if_due(&mut lock(&self.dropped));
+    }
+
+    fn warn_if_due(&self, counts: &mut DropCounts) {
+        if counts.per_address + counts.evicted + counts.timed_out == 0 {
+            return;
+        }
+        let now = std::time::Instant::now();
+        if counts
+            .last_warn
+            .is_some_and(|last| now.duration_since(last) < DROP_WARN_INTERVAL)
+        {
+            return;
+        }
+        let pending = lock(&self.pending).len();
+        warn!(
+            refused_per_address = counts.per_address,
+            evicted_oldest = counts.evicted,
+            timed_out = counts.timed_out,
+            pending,
+            "connections dropped before admission (counts since the last warning)"
+        );
+        *counts = DropCounts {
+            last_warn: Some(now),
+            ..DropCounts::default()
+        };
+    }
+}
+
+/// A pending handshake's place; leaving the pending set when dropped.
+struct Ticket {
+    admission: Arc<Admission>,
+    id: u64,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        lock(&self.admission.pending).leave(self.id);
+    }
+}
+
+/// A connection not yet admitted: its peer, its one deadline and its pending place.
+struct Handshake {
+    addr: SocketAddr,
+    deadline: Instant,
+    ticket: Ticket,
+}
+
+/// Runs `step` until the handshake deadline; `None` (and the reason logged) when the deadline
+/// passed or the connection was cancelled (link deleted, or evicted as the oldest pending).
+async fn until_deadline<F: std::future::Future>(
+    step: F,
+    handshake: &Handshake,
+    cancel: &CancellationToken,
+) -> Option<F::Output> {
+    tokio::select! {
+        // Cancel first: once the link is deleted, bytes that arrive later finish no upgrade.
+        biased;
+        () = cancel.cancelled() => {
+            debug!(addr = %handshake.addr, "handshake cancelled (link deleted or evicted)");
+            None
+        }
+        result = tokio::time::timeout_at(handshake.deadline, step) => match result {
+            Ok(output) => Some(output),
+            Err(_) => {
+                handshake.ticket.admission.note(Dropped::TimedOut, handshake.addr);
+                None
+            }
+        },
+    }
+}
+
 async fn connection<A: Accept>(
     stream: TcpStream,
-    addr: SocketAddr,
+    handshake: Handshake,
     options: Arc<ServerOptions>,
     tls: Option<TlsAcceptor>,
     acceptor: Arc<A>,
     cancel: CancellationToken,
     active: Arc<AtomicUsize>,
 ) {
-    let timeout = options.handshake_timeout;
     match tls {
         Some(tls) => {
-            let Ok(Ok(stream)) = tokio::time::timeout(timeout, tls.accept(stream)).await else {
-                debug!(%addr, "TLS handshake failed or timed out");
+            let Some(accepted) = until_deadline(tls.accept(stream), &handshake, &cancel).await
+            else {
                 return;
+            };
+            let stream = match accepted {
+                Ok(stream) => stream,
+                Err(e) => {
+                    debug!(addr = %handshake.addr, error = %e, "TLS handshake failed");
+                    return;
+                }
             };
             // Boxed: a TLS session is large, and plain connections should not carry its size.
             Box::pin(upgrade(
-                stream, addr, &options, &*acceptor, &cancel, &active,
+                stream, handshake, &options, &*acceptor, &cancel, &active,
             ))
             .await;
         }
-        None => upgrade(stream, addr, &options, &*acceptor, &cancel, &active).await,
+        None => upgrade(stream, handshake, &options, &*acceptor, &cancel, &active).await,
     }
 }
 
 async fn upgrade<T, A>(
     stream: T,
-    addr: SocketAddr,
+    handshake: Handshake,
     options: &ServerOptions,
     acceptor: &A,
     cancel: &CancellationToken,
@@ -209,6 +493,7 @@ async fn upgrade<T, A>(
     T: AsyncRead + AsyncWrite + Unpin,
     A: Accept,
 {
+    let addr = handshake.addr;
     let mut admitted = None;
     let mut refused = None;
     let callback = |request: &Request, response: Response| {
@@ -218,24 +503,34 @@ async fn upgrade<T, A>(
         Ok(response)
     };
     let config = socket::ws_config(options.max_message_bytes);
-    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
-    let ws = match tokio::time::timeout(options.handshake_timeout, handshake).await {
-        Ok(Ok(ws)) => ws,
-        Ok(Err(e)) => {
+    let upgrading = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
+    let Some(upgraded) = until_deadline(upgrading, &handshake, cancel).await else {
+        return;
+    };
+    let mut ws = match upgraded {
+        Ok(ws) => ws,
+        Err(e) => {
             debug!(%addr, error = %e, "upgrade refused or failed");
             if let Some(status) = refused {
                 acceptor.rejected(status);
             }
             return;
         }
-        Err(_) => {
-            debug!(%addr, "upgrade timed out");
-            return;
-        }
     };
+    // Admitted: no longer pending, so it can no longer be evicted.
+    drop(handshake);
     let Some((peer, _slot)) = admitted else {
         return;
     };
+    if cancel.is_cancelled() {
+        // The link was deleted (or this connection evicted) as the upgrade finished: no session.
+        let away = CloseFrame {
+            code: CloseCode::Away,
+            reason: "link deleted or provider shutting down".into(),
+        };
+        let _ = tokio::time::timeout(socket::CLOSE_GRACE, ws.close(Some(away))).await;
+        return;
+    }
     let (sink, mut outbound, guard) = acceptor.open(peer);
     let closed = match socket::serve(
         ws,
@@ -371,11 +666,30 @@ fn admit(
     let peer = PeerInfo {
         addr,
         path: uri.path().to_string(),
-        query: uri.query().map(str::to_string),
+        query: strip_token(uri.query()),
         headers,
         subprotocol,
     };
     Ok((peer, slot, response))
+}
+
+/// The query string without the `access_token` parameter: the other parameters in order,
+/// re-encoded, or `None` when nothing else is left. A query without the parameter is kept as is.
+fn strip_token(query: Option<&str>) -> Option<String> {
+    let query = query?;
+    let pairs = form_urlencoded::parse(query.as_bytes());
+    if !pairs.clone().any(|(k, _)| k == TOKEN_QUERY_PARAM) {
+        return Some(query.to_string());
+    }
+    let kept: Vec<_> = pairs.filter(|(k, _)| k != TOKEN_QUERY_PARAM).collect();
+    if kept.is_empty() {
+        return None;
+    }
+    Some(
+        form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(kept)
+            .finish(),
+    )
 }
 
 #[cfg(test)]
@@ -393,10 +707,12 @@ mod tests {
                 tls: None,
                 lifecycle_events: false,
                 session_headers: vec!["user-agent".into()],
+                handshake_timeout: Duration::from_secs(1),
+                max_pending_handshakes: 4,
+                max_handshakes_per_address: 2,
             },
             token: Some(Secret::new("t0k")),
             max_message_bytes: 1024,
-            handshake_timeout: Duration::from_secs(1),
             keepalive: Keepalive::default(),
         }
     }
@@ -486,6 +802,180 @@ mod tests {
         assert_eq!(check("/ws", &good), 503);
         drop(slot);
         assert_eq!(check("/ws", &good), 101);
+    }
+
+    #[test]
+    fn the_access_token_never_reaches_the_query() {
+        assert_eq!(
+            strip_token(Some("access_token=t0k&room=7")).as_deref(),
+            Some("room=7")
+        );
+        assert_eq!(
+            strip_token(Some("a=1&access_token=t0k&b=x%20y&access_token=again")).as_deref(),
+            Some("a=1&b=x+y")
+        );
+        // An encoded name is still the token parameter (admission decodes it the same way).
+        assert_eq!(
+            strip_token(Some("access%5Ftoken=t0k&z=1")).as_deref(),
+            Some("z=1")
+        );
+        assert_eq!(strip_token(Some("access_token=t0k")), None);
+        assert_eq!(strip_token(Some("access_token=")), None);
+        assert_eq!(strip_token(None), None);
+        // Without the parameter the query is kept exactly as sent.
+        assert_eq!(
+            strip_token(Some("flag&x=%41")).as_deref(),
+            Some("flag&x=%41")
+        );
+        assert_eq!(
+            strip_token(Some("access_tokens=1")).as_deref(),
+            Some("access_tokens=1")
+        );
+
+        let o = options();
+        let (peer, _slot, _) = admit(
+            &request(
+                "/ws?room=7&access_token=t0k",
+                &[("origin", "https://ok.example")],
+            ),
+            Response::default(),
+            "127.0.0.1:1".parse().expect("addr"),
+            &o,
+            &Arc::new(AtomicUsize::new(0)),
+        )
+        .expect("admitted with the query token");
+        assert_eq!(peer.query.as_deref(), Some("room=7"));
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, last])
+    }
+
+    #[test]
+    fn the_oldest_pending_handshake_makes_room_and_one_address_is_capped() {
+        let mut book = Handshakes::new(3, 2);
+        let pending = |entered: Entered<&'static str>| match entered {
+            Entered::Pending { id, evicted } => (id, evicted),
+            Entered::Refused => panic!("refused"),
+        };
+        let (a, none) = pending(book.enter(ip(1), "a"));
+        assert_eq!(none, None);
+        let (_b, _) = pending(book.enter(ip(1), "b"));
+        // A third from the same address is refused; nothing is evicted for it.
+        assert_eq!(book.enter(ip(1), "refused"), Entered::Refused);
+        assert_eq!((book.len(), book.from(ip(1))), (2, 2));
+        let (_c, none) = pending(book.enter(ip(2), "c"));
+        assert_eq!(none, None);
+        // Full (3): the next connection evicts the oldest, "a", which frees a place of ip 1.
+        let (_d, evicted) = pending(book.enter(ip(3), "d"));
+        assert_eq!(evicted, Some("a"));
+        assert_eq!(book.len(), 3);
+        assert_eq!(book.from(ip(1)), 1);
+        // The evicted handshake's own end is then a no-op.
+        assert!(!book.leave(a));
+        assert_eq!(book.len(), 3);
+        // ip 1 has room again, and the oldest now is "b".
+        let (e, evicted) = pending(book.enter(ip(1), "e"));
+        assert_eq!(evicted, Some("b"));
+        assert_eq!(book.from(ip(1)), 1);
+        assert!(book.leave(e));
+        assert_eq!((book.len(), book.from(ip(1))), (2, 0));
+        assert!(
+            !book.per_address.contains_key(&ip(1)),
+            "no empty entries kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn tickets_leave_the_pending_set_and_eviction_cancels_the_oldest() {
+        let admission = Arc::new(Admission::new(2, 2));
+        let addr = |port| SocketAddr::from(([10, 0, 0, 1], port));
+        let (t1, t2, t3) = (
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
+        let first = admission.enter(addr(1), t1.clone()).expect("first");
+        let second = admission.enter(addr(2), t2.clone()).expect("second");
+        // The same address is at its cap of 2.
+        assert!(admission.enter(addr(3), CancellationToken::new()).is_none());
+        drop(second);
+        let third = admission
+            .enter(addr(3), t3.clone())
+            .expect("room after a ticket ended");
+        assert!(!t1.is_cancelled());
+        // Full: a new address evicts the oldest (first), not the newer third.
+        let v6 = "[::ffff:10.0.0.2]:9".parse().expect("addr");
+        let fourth = admission
+            .enter(v6, CancellationToken::new())
+            .expect("fourth");
+        assert!(t1.is_cancelled() && !t3.is_cancelled());
+        drop(first);
+        assert_eq!(lock(&admission.pending).len(), 2);
+        assert_eq!(
+            lock(&admission.pending).from(ip(2)),
+            1,
+            "v4-mapped counts as v4"
+        );
+        drop((third, fourth));
+        assert_eq!(lock(&admission.pending).len(), 0);
+        {
+            // Refused (per address) and evicted, both within a second: one warning so far.
+            let counts = lock(&admission.dropped);
+            assert!(counts.last_warn.is_some());
+            assert_eq!((counts.per_address, counts.evicted), (0, 1));
+        }
+        // Within the second a flush reports nothing; later it reports and resets the counts.
+        admission.flush();
+        assert_eq!(lock(&admission.dropped).evicted, 1);
+        lock(&admission.dropped).last_warn =
+            std::time::Instant::now().checked_sub(DROP_WARN_INTERVAL);
+        admission.flush();
+        assert_eq!(lock(&admission.dropped).evicted, 0);
+    }
+
+    #[test]
+    fn handshake_keys_have_defaults_and_ranges() {
+        use crate::config::{ProviderDefaults, DEFAULT_MAX_CONNECTIONS};
+        let parse = |extra: &[(&str, &str)]| {
+            let map: std::collections::HashMap<String, String> =
+                [("MODE", "server"), ("LISTEN_ADDRESS", "127.0.0.1:1")]
+                    .iter()
+                    .chain(extra)
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+            ProviderDefaults::default().link_settings(&map, &Default::default())
+        };
+        let s = parse(&[]).expect("defaults").server.expect("server");
+        assert_eq!(s.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(s.max_pending_handshakes, 256);
+        assert_eq!(s.max_handshakes_per_address, 16);
+        assert_eq!(s.max_connections, DEFAULT_MAX_CONNECTIONS);
+        let s = parse(&[
+            ("handshake_timeout_sec", "300"),
+            ("max_pending_handshakes", "65536"),
+            ("max_handshakes_per_address", "1"),
+        ])
+        .expect("in range")
+        .server
+        .expect("server");
+        assert_eq!(s.handshake_timeout, Duration::from_secs(300));
+        assert_eq!(
+            (s.max_pending_handshakes, s.max_handshakes_per_address),
+            (65_536, 1)
+        );
+        for (key, bad) in [
+            ("HANDSHAKE_TIMEOUT_SEC", "0"),
+            ("HANDSHAKE_TIMEOUT_SEC", "301"),
+            ("HANDSHAKE_TIMEOUT_SEC", "18446744073709551616"),
+            ("MAX_PENDING_HANDSHAKES", "0"),
+            ("MAX_PENDING_HANDSHAKES", "65537"),
+            ("MAX_HANDSHAKES_PER_ADDRESS", "-1"),
+            ("MAX_HANDSHAKES_PER_ADDRESS", "many"),
+        ] {
+            let e = parse(&[(key, bad)]).expect_err(bad);
+            assert_eq!(e.key, key, "{e}");
+        }
     }
 
     #[test]
