@@ -3,7 +3,10 @@
 //! [`run`] connects (with the upgrade headers and a connect timeout), then reads and writes
 //! concurrently until the socket drops, and reconnects with exponential backoff and full jitter.
 //! The open socket is served by [`serve`]: frames go to a [`FrameSink`] in order, and reading
-//! waits while the sink does, so a slow component slows the socket instead of growing a queue.
+//! waits while the sink does, so a slow component slows the socket instead of growing a queue
+//! (without the server being taken for dead meanwhile: see the blame rules in [`super::socket`]).
+//! A server that stops answering pings, or stops taking writes, for ping interval + pong timeout
+//! is dropped and connected again, even while a write to it is blocked.
 //! Cancelling the token sends a close frame and ends the task.
 //!
 //! This module knows nothing of wasmCloud or sessions.

@@ -16,6 +16,7 @@
 //! - `!fail`: returns an error from `handle-message` (nothing is answered); `!trap`: traps;
 //! - `!flood <subject> <count> <size>`: publishes `count` bodies of `size` bytes, answering
 //!   `FLOOD <count> OK` or `FLOOD <sent> ERR <error>` at the first failure;
+//! - `!sleep <ms>`: blocks the handler for `<ms>` milliseconds, then answers `SLEPT <ms>`;
 //! - a lifecycle message (`ws.lifecycle.*`) is forwarded as `<subject> <body>` to `out`;
 //! - anything else: answers the body unchanged (an echo).
 //!
@@ -145,6 +146,11 @@ fn command(msg: &BrokerMessage, text: &str) -> Result<Option<String>, String> {
             Some(format!("FLOOD {count} OK"))
         }
         "!trap" => panic!("asked to trap"),
+        "!sleep" => {
+            let ms = arg().parse::<u64>().map_err(|e| e.to_string())?;
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            Some(format!("SLEPT {ms}"))
+        }
         "!flood-all" => {
             let (subject, count, size) = (arg(), arg(), arg());
             let count = count.parse::<usize>().map_err(|e| e.to_string())?;
