@@ -95,23 +95,24 @@ async fn a_slow_component_does_not_get_a_healthy_peer_closed() -> Result<()> {
     env.component_scaled("test_echo", "patient", 4).await?;
     env.link_consumer("patient", "default", &[]).await?;
     let mut server = Server::start().await?;
-    // One call at a time: while the first frame's handler sleeps 6 s, the delivery queue fills
-    // and the reader waits, far longer than ping + pong (3 s).
+    // One call at a time: while the first frame's handler sleeps 8 s, the delivery queue fills
+    // and the reader waits, twice ping + pong (4 s).
     client_link(
         &env,
         "patient",
         &server,
         &[
             ("PING_INTERVAL_SEC", "1"),
-            ("PONG_TIMEOUT_SEC", "2"),
+            ("PONG_TIMEOUT_SEC", "3"),
             ("MAX_IN_FLIGHT", "1"),
+            ("HANDLER_TIMEOUT_MS", "30000"),
         ],
     )
     .await?;
     let mut peer = server.accept().await?;
     assert_eq!(peer.round_trip("ready").await?, "ready");
     let started = Instant::now();
-    peer.ws.feed(Message::text("!sleep 6000")).await?;
+    peer.ws.feed(Message::text("!sleep 8000")).await?;
     const FAST: usize = 24;
     for i in 0..FAST {
         peer.ws.feed(Message::text(format!("n{i}"))).await?;
@@ -119,8 +120,8 @@ async fn a_slow_component_does_not_get_a_healthy_peer_closed() -> Result<()> {
     peer.ws.flush().await?;
     // The peer reads all along (and so answers pings); every frame is answered, in order.
     match peer.next_message(Duration::from_secs(30)).await? {
-        Message::Text(t) if t.as_str() == "SLEPT 6000" => {}
-        other => bail!("expected SLEPT 6000, got {other:?}"),
+        Message::Text(t) if t.as_str() == "SLEPT 8000" => {}
+        other => bail!("expected SLEPT 8000, got {other:?}"),
     }
     for i in 0..FAST {
         match peer.next_message(Duration::from_secs(30)).await? {
@@ -129,12 +130,18 @@ async fn a_slow_component_does_not_get_a_healthy_peer_closed() -> Result<()> {
         }
     }
     println!(
-        "{} frames answered after {:?} behind a 6 s handler",
+        "{} frames answered after {:?} behind an 8 s handler",
         FAST + 1,
         started.elapsed()
     );
-    // The socket stayed up: no reconnect, and it still carries an echo.
-    server.expect_no_connection(Duration::from_secs(2)).await?;
+    // The socket stayed up: no reconnect (the peer reads meanwhile, so it answers pings), and it
+    // still carries an echo.
+    let (no_reconnect, silence) = tokio::join!(
+        server.expect_no_connection(Duration::from_secs(3)),
+        peer.expect_silence(Duration::from_secs(3)),
+    );
+    no_reconnect?;
+    silence?;
     assert_eq!(peer.round_trip("still here").await?, "still here");
     env.stop().await
 }
@@ -226,15 +233,16 @@ async fn a_peer_close_is_answered_with_a_close_frame() -> Result<()> {
 async fn the_idle_timeout_counts_written_frames_too() -> Result<()> {
     let env = Env::start().await?;
     let (mut target, mut control) =
-        target_and_control(&env, "listener", &[("IDLE_TIMEOUT_SEC", "2")]).await?;
+        target_and_control(&env, "listener", &[("IDLE_TIMEOUT_SEC", "3")]).await?;
     let mut quiet = target.accept().await?;
     let mut ctl = control.accept().await?;
     let subject = quiet.round_trip("!whoami").await?;
-    // The target peer only receives from here on: a frame every 500 ms for 6 s.
+    // The target peer only receives from here on: a frame every 500 ms for 7 s, more than twice
+    // the idle timeout.
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut i = 0;
-    while started.elapsed() < Duration::from_secs(6) {
+    while started.elapsed() < Duration::from_secs(7) {
         tick.tick().await;
         ctl.send_text(&format!("!to {subject} tick{i}")).await?;
         match quiet.next_message(Duration::from_secs(15)).await? {

@@ -662,7 +662,7 @@ mod tests {
         for _ in 0..8 {
             drop(send(&run.queue, Message::binary(vec![0u8; 256 * 1024])).await);
         }
-        let end = tokio::time::timeout(Duration::from_secs(5), &mut run.ended)
+        let end = tokio::time::timeout(Duration::from_secs(10), &mut run.ended)
             .await
             .expect("the dead peer was found while the write was blocked")
             .expect("serve did not panic");
@@ -741,7 +741,7 @@ mod tests {
     async fn written_data_frames_keep_a_socket_from_idling() {
         let run = start(
             Keepalive {
-                idle_timeout: Some(Duration::from_millis(300)),
+                idle_timeout: Some(Duration::from_millis(1000)),
                 ..Keepalive::default()
             },
             Duration::ZERO,
@@ -757,7 +757,7 @@ mod tests {
         });
         for _ in 0..12 {
             let _ = send(&run.queue, Message::text("tick")).await.await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
             assert!(!run.ended.is_finished(), "closed as idle while writing");
         }
         // Nothing either way: idle, closed with 1001.
