@@ -3,7 +3,10 @@
 //! [`run`] connects (with the upgrade headers and a connect timeout), then reads and writes
 //! concurrently until the socket drops, and reconnects with exponential backoff and full jitter.
 //! The open socket is served by [`serve`]: frames go to a [`FrameSink`] in order, and reading
-//! waits while the sink does, so a slow component slows the socket instead of growing a queue.
+//! waits while the sink does, so a slow component slows the socket instead of growing a queue
+//! (without the server being taken for dead meanwhile: see the blame rules in [`super::socket`]).
+//! A server that stops answering pings, or stops taking writes, for ping interval + pong timeout
+//! is dropped and connected again, even while a write to it is blocked.
 //! Cancelling the token sends a close frame and ends the task.
 //!
 //! This module knows nothing of wasmCloud or sessions.
@@ -43,7 +46,7 @@ fn upgrade_request(
         .uri
         .as_str()
         .into_client_request()
-        .map_err(|e| format!("bad URI {:?}: {e}", endpoint.uri))?;
+        .map_err(|e| format!("bad URI {:?}: {e}", endpoint.redacted_uri()))?;
     let headers = request.headers_mut();
     for (name, value) in &endpoint.headers {
         let name = HeaderName::from_bytes(name.as_bytes())
@@ -101,7 +104,7 @@ pub async fn run<S: FrameSink>(
         let error = match attempt {
             Ok(Ok(ws)) => {
                 let up_at = Instant::now();
-                info!(uri = %options.endpoint.uri, "websocket connected");
+                info!(uri = %options.endpoint.redacted_uri(), "websocket connected");
                 if std::mem::replace(&mut ever_connected, true) {
                     sink.reconnected();
                 }
@@ -143,7 +146,7 @@ pub async fn run<S: FrameSink>(
             }
         }
         let delay = backoff.next();
-        warn!(uri = %options.endpoint.uri, %error, ?delay, "websocket disconnected; will reconnect");
+        warn!(uri = %options.endpoint.redacted_uri(), %error, ?delay, "websocket disconnected; will reconnect");
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
