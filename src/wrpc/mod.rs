@@ -37,7 +37,7 @@ pub use server::{serve_exports, Invocations, Server};
 /// The invocation context the server hands to export handlers (the SDK's).
 pub use wasmcloud_provider_sdk::Context as InvocationContext;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
@@ -237,6 +237,11 @@ impl Drop for Registration {
 /// routed to the call, up to an empty one (the end of the stream).
 pub struct Incoming {
     buffer: Bytes,
+    /// Server side: parts of a call's parameters already read from `stream` by the server
+    /// (see [`server`]), read after `buffer`.
+    parts: VecDeque<Bytes>,
+    /// The end of the stream has been read from `stream` (into `parts`): nothing follows.
+    ended: bool,
     stream: Stream,
     /// Server side: the caller must have sent its whole parameter stream by then (a timer is
     /// made only if the stream has to be waited for).
@@ -253,6 +258,13 @@ impl AsyncRead for Incoming {
         let this = self.get_mut();
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
+        }
+        if this.buffer.is_empty() {
+            if let Some(part) = this.parts.pop_front() {
+                this.buffer = part;
+            } else if this.ended {
+                return Poll::Ready(Ok(()));
+            }
         }
         if this.buffer.is_empty() {
             let next = match this.stream.poll_next_unpin(cx) {
@@ -290,6 +302,10 @@ pub(crate) struct Deadline {
 impl Deadline {
     pub(crate) fn at(at: tokio::time::Instant) -> Self {
         Self { at, timer: None }
+    }
+
+    fn instant(&self) -> tokio::time::Instant {
+        self.at
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
