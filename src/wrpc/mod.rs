@@ -489,3 +489,38 @@ impl wrpc_transport::Index<Writer> for Writer {
         anyhow::bail!("nested async streams are not supported")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt as _;
+
+    /// A call whose parameters were gathered reads its first message, then the gathered
+    /// parts, then ends, without waiting on its (still open) stream.
+    #[tokio::test]
+    async fn gathered_parameters_are_read_in_order_and_end_without_the_stream() {
+        let routes = Routes::default();
+        let (_sender, stream) = mpsc::unbounded();
+        let mut incoming = Incoming {
+            buffer: Bytes::from_static(b"ab"),
+            parts: [Bytes::from_static(b"cd"), Bytes::from_static(b"ef")].into(),
+            ended: true,
+            stream,
+            deadline: None,
+            _call: Arc::new(Registration {
+                id: 0,
+                subject: Subject::from("x"),
+                routes,
+            }),
+        };
+        let mut read = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            incoming.read_to_end(&mut read),
+        )
+        .await
+        .expect("the read must not wait on the stream")
+        .expect("read");
+        assert_eq!(read, b"abcdef");
+    }
+}

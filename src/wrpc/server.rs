@@ -16,13 +16,12 @@ use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
+use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
 use async_nats::{Message, Subject};
 use bytes::{Bytes, BytesMut};
-use std::task::Poll;
-
 use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream, FuturesUnordered, Stream, StreamExt as _};
 use futures::FutureExt as _;
@@ -485,5 +484,20 @@ pub async fn serve_exports(invocations: Invocations, shutdown: impl Future<Outpu
                 None => return,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_result_is_the_err_case_with_a_leb128_length() {
+        assert_eq!(&error_result("no")[..], b"\x01\x02no");
+        let long = "x".repeat(200);
+        let encoded = error_result(&long);
+        assert_eq!(&encoded[..3], &[1, 0xc8, 0x01]);
+        assert_eq!(&encoded[3..], long.as_bytes());
+        assert_eq!(&error_result("")[..], &[1, 0]);
     }
 }
