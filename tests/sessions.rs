@@ -427,18 +427,20 @@ async fn a_hundred_concurrent_requests_resolve_independently_and_silence_times_o
         anyhow::Ok(())
     });
 
-    // Call the provider's export over wRPC exactly as the host does for a component.
-    let wrpc = wrpc_transport_nats::Client::new(
+    // Call the provider's export over wRPC as the component `many` (the caller's source ID),
+    // through the provider's own race-free client: the stock wrpc-transport-nats 0.29 client
+    // can lose a reply under load, which would fail this test for a reason not its own.
+    let invoker = wasmcloud_provider_messaging_websocket::wrpc::Invoker::new(
         env.client.clone(),
-        format!("{LATTICE}.{PROVIDER_ID}"),
-        None,
+        LATTICE,
+        "many",
     )
     .await?;
+    let wrpc = invoker.component(PROVIDER_ID);
     let call = |body: String, timeout_ms: u32| {
         let wrpc = wrpc.clone();
         async move {
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert("source-id", "many");
             headers.insert("link-name", "default");
             let body = bytes::Bytes::from(body);
             let request = client::wasmcloud::messaging::consumer::request(
@@ -448,7 +450,7 @@ async fn a_hundred_concurrent_requests_resolve_independently_and_silence_times_o
                 &body,
                 timeout_ms,
             );
-            // Bound the whole call: wrpc-transport-nats 0.29 can lose a reply under load.
+            // Bound the whole call, so a hang fails the test instead of stalling it.
             tokio::time::timeout(
                 Duration::from_millis(u64::from(timeout_ms) + 10_000),
                 request,

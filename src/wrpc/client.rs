@@ -63,7 +63,7 @@ pub struct ComponentClient {
 }
 
 /// The bytes NATS adds for `headers` in a message (counted against its maximum payload).
-fn headers_len(headers: &HeaderMap) -> usize {
+pub(super) fn headers_len(headers: &HeaderMap) -> usize {
     let mut len = b"NATS/1.0\r\n\r\n".len();
     for (key, values) in headers.iter() {
         let key: &[u8] = key.as_ref();
@@ -125,6 +125,8 @@ impl wrpc_transport::Invoke for ComponentClient {
             },
             Incoming {
                 buffer: Bytes::new(),
+                parts: Default::default(),
+                ended: false,
                 stream: results,
                 deadline: None,
                 _call: registration,

@@ -37,7 +37,7 @@ pub use server::{serve_exports, Invocations, Server};
 /// The invocation context the server hands to export handlers (the SDK's).
 pub use wasmcloud_provider_sdk::Context as InvocationContext;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
@@ -237,6 +237,11 @@ impl Drop for Registration {
 /// routed to the call, up to an empty one (the end of the stream).
 pub struct Incoming {
     buffer: Bytes,
+    /// Server side: parts of a call's parameters already read from `stream` by the server
+    /// (see [`server`]), read after `buffer`.
+    parts: VecDeque<Bytes>,
+    /// The end of the stream has been read from `stream` (into `parts`): nothing follows.
+    ended: bool,
     stream: Stream,
     /// Server side: the caller must have sent its whole parameter stream by then (a timer is
     /// made only if the stream has to be waited for).
@@ -253,6 +258,13 @@ impl AsyncRead for Incoming {
         let this = self.get_mut();
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
+        }
+        if this.buffer.is_empty() {
+            if let Some(part) = this.parts.pop_front() {
+                this.buffer = part;
+            } else if this.ended {
+                return Poll::Ready(Ok(()));
+            }
         }
         if this.buffer.is_empty() {
             let next = match this.stream.poll_next_unpin(cx) {
@@ -290,6 +302,10 @@ pub(crate) struct Deadline {
 impl Deadline {
     pub(crate) fn at(at: tokio::time::Instant) -> Self {
         Self { at, timer: None }
+    }
+
+    fn instant(&self) -> tokio::time::Instant {
+        self.at
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -471,5 +487,40 @@ impl AsyncWrite for Writer {
 impl wrpc_transport::Index<Writer> for Writer {
     fn index(&self, _path: &[usize]) -> anyhow::Result<Writer> {
         anyhow::bail!("nested async streams are not supported")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt as _;
+
+    /// A call whose parameters were gathered reads its first message, then the gathered
+    /// parts, then ends, without waiting on its (still open) stream.
+    #[tokio::test]
+    async fn gathered_parameters_are_read_in_order_and_end_without_the_stream() {
+        let routes = Routes::default();
+        let (_sender, stream) = mpsc::unbounded();
+        let mut incoming = Incoming {
+            buffer: Bytes::from_static(b"ab"),
+            parts: [Bytes::from_static(b"cd"), Bytes::from_static(b"ef")].into(),
+            ended: true,
+            stream,
+            deadline: None,
+            _call: Arc::new(Registration {
+                id: 0,
+                subject: Subject::from("x"),
+                routes,
+            }),
+        };
+        let mut read = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            incoming.read_to_end(&mut read),
+        )
+        .await
+        .expect("the read must not wait on the stream")
+        .expect("read");
+        assert_eq!(read, b"abcdef");
     }
 }
