@@ -580,7 +580,12 @@ fn validate_uri(uri: &str) -> Result<(), ConfigError> {
         .map_err(|_| err(URI, format!("{shown:?} is not a URI")))?;
     match parsed.scheme_str() {
         Some("ws") | Some("wss") => {}
-        _ => return Err(err(URI, format!("{shown:?} must start with ws:// or wss://"))),
+        _ => {
+            return Err(err(
+                URI,
+                format!("{shown:?} must start with ws:// or wss://"),
+            ))
+        }
     }
     if parsed.host().is_none_or(str::is_empty) {
         return Err(err(URI, format!("{shown:?} has no host")));
@@ -861,7 +866,8 @@ mod tests {
                 pairs.push((key, value));
                 let pairs: Vec<(String, String)> =
                     pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-                ProviderDefaults::default().link_settings(&pairs.into_iter().collect(), &HashMap::new())
+                ProviderDefaults::default()
+                    .link_settings(&pairs.into_iter().collect(), &HashMap::new())
             };
             let e = with((hi + 1).to_string()).expect_err(key);
             assert_eq!(e.key, *key, "{e}");

@@ -107,8 +107,7 @@ pub fn set_inbound_budget(bytes: u64) {
 
 /// Takes room for a frame of `len` bytes in the inbound budget, waiting while it is full.
 async fn reserve(len: usize) -> Option<OwnedSemaphorePermit> {
-    let budget = INBOUND_BUDGET
-        .get_or_init(|| budget_of(crate::config::DEFAULT_MAX_INBOUND_BYTES));
+    let budget = INBOUND_BUDGET.get_or_init(|| budget_of(crate::config::DEFAULT_MAX_INBOUND_BYTES));
     let want = (len as u64).div_ceil(BUDGET_UNIT).max(1);
     let want = u32::try_from(want).unwrap_or(u32::MAX).min(budget.total);
     Arc::clone(&budget.room).acquire_many_owned(want).await.ok()
@@ -124,7 +123,9 @@ struct LogLimit {
 impl LogLimit {
     /// `Some(n)` when a warning may be logged now, `n` being how many were held back.
     fn allow(&self, opened: Instant) -> Option<u64> {
-        let now = u64::try_from(opened.elapsed().as_millis()).unwrap_or(u64::MAX).max(1);
+        let now = u64::try_from(opened.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         let last = self.last_ms.load(Ordering::Relaxed);
         if last != 0 && now.saturating_sub(last) < 1000 {
             self.held.fetch_add(1, Ordering::Relaxed);

@@ -167,9 +167,10 @@ impl WsProvider {
 
     /// The fan-out deadline of a session-API call.
     fn fanout_of(&self, cx: &Option<Context>) -> Duration {
-        caller(cx).map_or(crate::config::DEFAULT_FANOUT_TIMEOUT, |(component, link)| {
-            self.fanout_timeout(component, link)
-        })
+        caller(cx).map_or(
+            crate::config::DEFAULT_FANOUT_TIMEOUT,
+            |(component, link)| self.fanout_timeout(component, link),
+        )
     }
 
     fn session_of(

@@ -148,16 +148,14 @@ impl Accept for Sessions {
                 "remote": session.remote,
                 "path": session.request.as_ref().map(|r| r.path.clone()),
             });
-            let _ = inbound
-                .queue
-                .try_send(Box::new(Queued::lifecycle(
-                    BrokerMessage {
-                        subject: LIFECYCLE_CONNECTED.to_string(),
-                        body: Bytes::from(body.to_string()),
-                        reply_to: session.tracking.then(|| session.subject()),
-                    },
-                    &self.link_name,
-                )));
+            let _ = inbound.queue.try_send(Box::new(Queued::lifecycle(
+                BrokerMessage {
+                    subject: LIFECYCLE_CONNECTED.to_string(),
+                    body: Bytes::from(body.to_string()),
+                    reply_to: session.tracking.then(|| session.subject()),
+                },
+                &self.link_name,
+            )));
         }
         let guard = Guard {
             session,
@@ -196,7 +194,9 @@ impl Accept for Sessions {
             // Queued behind the session's last messages, so it is delivered after them.
             let link = self.link_name.clone();
             tokio::spawn(async move {
-                let _ = queue.send(Box::new(Queued::lifecycle(message, &link))).await;
+                let _ = queue
+                    .send(Box::new(Queued::lifecycle(message, &link)))
+                    .await;
             });
         }
     }

@@ -422,9 +422,13 @@ impl WsProvider {
             let links = self.links();
             (
                 links.consumers.contains_key(key)
-                    || links.errors.contains_key(&(Direction::Consumer, key.clone())),
+                    || links
+                        .errors
+                        .contains_key(&(Direction::Consumer, key.clone())),
                 links.sessions.contains_key(key)
-                    || links.errors.contains_key(&(Direction::Sessions, key.clone())),
+                    || links
+                        .errors
+                        .contains_key(&(Direction::Sessions, key.clone())),
             )
         };
         match (consumer, sessions) {

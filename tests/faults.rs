@@ -17,7 +17,10 @@ async fn link_down(env: &Env, link: &str) -> Result<()> {
     common::eventually(Duration::from_secs(20), || async {
         let (_, message) = env.health().await?;
         let message = message.unwrap_or_default();
-        ensure!(message.contains(&format!("{link:?}")), "health: {message:?}");
+        ensure!(
+            message.contains(&format!("{link:?}")),
+            "health: {message:?}"
+        );
         Ok(())
     })
     .await

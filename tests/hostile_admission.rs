@@ -119,27 +119,29 @@ fn open_fds(pid: u32) -> usize {
 async fn a_real_client_gets_in_while_2000_idle_connections_are_open() -> Result<()> {
     let env = Env::start().await?;
     let pid = provider_pid(&env)?;
-    println!(
+    common::figure(&format!(
         "provider pid {pid}: open files limit (soft, hard) {:?}",
         open_files_limit(&pid.to_string())
-    );
+    ));
     // A usual descriptor limit for a service is 1024: give the provider that (it got this test
     // process's limit from the host), so a listener that keeps every idle connection runs out.
     let lowered = std::process::Command::new("prlimit")
         .args(["--pid", &pid.to_string(), "--nofile=1024:"])
         .status()
         .is_ok_and(|s| s.success());
-    println!(
+    common::figure(&format!(
         "provider open files limit after prlimit (ok: {lowered}): {:?}",
         open_files_limit(&pid.to_string())
-    );
+    ));
     let mut wanted = 2000;
     match open_files_limit("self").and_then(|(soft, _)| soft.parse::<usize>().ok()) {
         Some(soft) if soft < wanted + 300 => {
             wanted = soft.saturating_sub(300);
-            println!("this test process may open {soft} files: opening {wanted} idle connections");
+            common::figure(&format!(
+                "this test process may open {soft} files: opening {wanted} idle connections"
+            ));
         }
-        other => println!("this test process's open files limit: {other:?}"),
+        other => common::figure(&format!("this test process's open files limit: {other:?}")),
     }
 
     // Long enough that no idle connection times out during the test: closes are evictions.
@@ -161,19 +163,21 @@ async fn a_real_client_gets_in_while_2000_idle_connections_are_open() -> Result<
             Err(_) => failed += 1,
         }
     }
-    println!(
+    common::figure(&format!(
         "opened {} idle TCP connections ({failed} failed) in {:?}; provider holds {} descriptors",
         idle.len(),
         started.elapsed(),
         open_fds(pid)
-    );
+    ));
 
     let started = Instant::now();
     let mut client = connect(&url, &[]).await?;
     let connected = started.elapsed();
     let reply = client.round_trip("through the crowd").await?;
     let round_trip = started.elapsed();
-    println!("a real client connected in {connected:?}, round trip done after {round_trip:?}");
+    common::figure(&format!(
+        "a real client connected in {connected:?}, round trip done after {round_trip:?}"
+    ));
     assert_eq!(reply, "through the crowd");
     ensure!(
         connected < Duration::from_secs(1),
@@ -182,12 +186,12 @@ async fn a_real_client_gets_in_while_2000_idle_connections_are_open() -> Result<
 
     let total = idle.len();
     let (closed, open) = count_closed(idle, CLOSE_WAIT).await;
-    println!(
+    common::figure(&format!(
         "the server closed {closed} of {total} idle connections; {} still pending; provider \
          holds {} descriptors",
         open.len(),
         open_fds(pid)
-    );
+    ));
     ensure!(
         open.len() <= 256,
         "{} idle connections still open, more than MAX_PENDING_HANDSHAKES (256)",
@@ -222,12 +226,12 @@ async fn one_address_gets_at_most_its_share_of_pending_handshakes() -> Result<()
     }
     let started = Instant::now();
     let (closed, open) = count_closed(idle, CLOSE_WAIT).await;
-    println!(
+    common::figure(&format!(
         "100 idle connections from {from}: {closed} closed by the server, {} open (checked \
          over {:?})",
         open.len(),
         started.elapsed()
-    );
+    ));
     assert_eq!(
         open.len(),
         16,
@@ -302,7 +306,9 @@ async fn stalled_handshakes_end_at_one_deadline_with_or_without_tls() -> Result<
     let started = Instant::now();
     let mut idle = TcpStream::connect(address(&plain)?).await?;
     let plain_closed = closed_after(&mut idle, started).await?;
-    println!("an idle plain connection was closed after {plain_closed:?} (timeout {timeout:?})");
+    common::figure(&format!(
+        "an idle plain connection was closed after {plain_closed:?} (timeout {timeout:?})"
+    ));
 
     // TLS: connect, wait half the deadline, complete TLS, then never send the HTTP request.
     // One deadline for both steps closes it at `timeout`; a deadline per step, at 1.5 x.
@@ -324,10 +330,10 @@ async fn stalled_handshakes_end_at_one_deadline_with_or_without_tls() -> Result<
         .context("TLS handshake")?;
     let tls_done = started.elapsed();
     let tls_closed = closed_after(&mut tls, started).await?;
-    println!(
+    common::figure(&format!(
         "a TLS connection that finished TLS after {tls_done:?} and then stalled was closed \
          after {tls_closed:?} (timeout {timeout:?})"
-    );
+    ));
 
     for (what, closed) in [("plain", plain_closed), ("TLS", tls_closed)] {
         ensure!(
@@ -398,10 +404,10 @@ async fn deleting_the_link_cancels_a_handshake_in_flight() -> Result<()> {
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), half.read_to_end(&mut answer)).await;
     let answer = String::from_utf8_lossy(&answer);
-    println!(
+    common::figure(&format!(
         "the half-upgraded client got {:?} after the link delete",
         answer
-    );
+    ));
     ensure!(
         !answer.contains(" 101 "),
         "the upgrade was completed after the link was deleted: {answer}"
@@ -421,7 +427,7 @@ async fn the_access_token_is_not_in_the_components_session_info() -> Result<()> 
     let mut client = connect(&format!("{url}/?access_token={token}&room=7"), &[]).await?;
     let id = client.session_id().await?;
     let request = client.round_trip(&format!("!request-info {id}")).await?;
-    println!("session info with a query token: {request}");
+    common::figure(&format!("session info with a query token: {request}"));
     assert_eq!(request, "REQ /|room=7||");
     let info = client.round_trip(&format!("!get {id}")).await?;
     ensure!(!info.contains(token), "{info}");

@@ -72,14 +72,16 @@ async fn a_peer_that_stops_reading_is_found_dead_while_a_write_to_it_is_blocked(
     let started = Instant::now();
     let mut fresh = target.accept().await?;
     let detected = started.elapsed();
-    println!("stalled peer detected and replaced after {detected:?} (ping 1 s + pong 3 s)");
+    common::figure(&format!(
+        "stalled peer detected and replaced after {detected:?} (ping 1 s + pong 3 s)"
+    ));
     ensure!(
         detected < Duration::from_secs(25),
         "dead peer detected only after {detected:?}"
     );
     // The write really was blocked: the flood ended with a publish that the dead socket lost.
     let answer = ctl.recv_text().await?;
-    println!("flood report: {answer}");
+    common::figure(&format!("flood report: {answer}"));
     ensure!(
         answer.starts_with("FLOOD ") && answer.contains("ERR"),
         "{answer}"
@@ -129,11 +131,11 @@ async fn a_slow_component_does_not_get_a_healthy_peer_closed() -> Result<()> {
             other => bail!("frame n{i}: got {other:?}"),
         }
     }
-    println!(
+    common::figure(&format!(
         "{} frames answered after {:?} behind an 8 s handler",
         FAST + 1,
         started.elapsed()
-    );
+    ));
     // The socket stayed up: no reconnect (the peer reads meanwhile, so it answers pings), and it
     // still carries an echo.
     let (no_reconnect, silence) = tokio::join!(
@@ -159,7 +161,7 @@ async fn a_frame_larger_than_the_write_buffer_fails_only_its_publish() -> Result
     let answer = peer
         .round_trip(&format!("!flood {subject} 1 2097152"))
         .await?;
-    println!("oversize publish: {answer}");
+    common::figure(&format!("oversize publish: {answer}"));
     ensure!(answer.starts_with("FLOOD 0 ERR"), "{answer}");
     ensure!(
         answer.contains("2097152") && answer.contains("1048576"),
@@ -251,16 +253,19 @@ async fn the_idle_timeout_counts_written_frames_too() -> Result<()> {
         }
         i += 1;
     }
-    println!(
+    common::figure(&format!(
         "{i} frames written over {:?} without an idle close",
         started.elapsed()
-    );
+    ));
     // No data either way now: closed as idle (1001).
     let silent_since = Instant::now();
     match quiet.next_message(Duration::from_secs(20)).await? {
         Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Away),
         other => bail!("expected close 1001, got {other:?}"),
     }
-    println!("idle close after {:?} of silence", silent_since.elapsed());
+    common::figure(&format!(
+        "idle close after {:?} of silence",
+        silent_since.elapsed()
+    ));
     env.stop().await
 }

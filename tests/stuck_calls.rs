@@ -211,16 +211,16 @@ async fn a_stuck_call_does_not_hold_up_other_publishes_and_ends_with_an_error() 
     let stuck_since = Instant::now();
     for n in 0..3 {
         let waited = timed_echo(&mut peer, &format!("echo-{n}")).await?;
-        println!("echo {n} with one stuck call: {waited:?}");
+        common::figure(&format!("echo {n} with one stuck call: {waited:?}"));
     }
 
     // The stuck call is given up after its 30 s, with an error for its caller.
     let (answer, ended) = stuck.result(Duration::from_secs(60)).await?;
     let error = error_of(&answer).with_context(|| format!("not an error result: {answer:?}"))?;
-    println!(
+    common::figure(&format!(
         "the stuck call was answered after {:?}: {error}",
         stuck_since.elapsed()
-    );
+    ));
     ensure!(error.contains("did not end"), "{error}");
     ensure!(
         ended,
@@ -232,7 +232,7 @@ async fn a_stuck_call_does_not_hold_up_other_publishes_and_ends_with_an_error() 
         stuck_since.elapsed()
     );
     let waited = timed_echo(&mut peer, "after").await?;
-    println!("echo after the stuck call ended: {waited:?}");
+    common::figure(&format!("echo after the stuck call ended: {waited:?}"));
     env.stop().await
 }
 
@@ -253,10 +253,10 @@ async fn twenty_stuck_calls_do_not_hold_up_other_publishes() -> Result<()> {
     let mut slowest = Duration::ZERO;
     for n in 0..5 {
         let waited = timed_echo(&mut peer, &format!("echo-{n}")).await?;
-        println!("echo {n} with 20 stuck calls: {waited:?}");
+        common::figure(&format!("echo {n} with 20 stuck calls: {waited:?}"));
         slowest = slowest.max(waited);
     }
-    println!("slowest echo with 20 stuck calls: {slowest:?}");
+    common::figure(&format!("slowest echo with 20 stuck calls: {slowest:?}"));
     drop(stuck);
     env.stop().await
 }
@@ -286,13 +286,16 @@ async fn a_call_over_max_call_bytes_is_dropped_with_an_error_and_later_calls_wor
         sent += chunk.len();
     }
     nats.flush().await?;
-    println!("sent {sent} parameter bytes in {:?}", started.elapsed());
+    common::figure(&format!(
+        "sent {sent} parameter bytes in {:?}",
+        started.elapsed()
+    ));
 
     let (answer, ended) = call.result(Duration::from_secs(20)).await?;
-    println!(
+    common::figure(&format!(
         "the oversized call was answered {:?} after its first byte",
         started.elapsed()
-    );
+    ));
     let error = error_of(&answer).with_context(|| format!("not an error result: {answer:?}"))?;
     ensure!(error.contains("MAX_CALL_BYTES"), "{error}");
     ensure!(
@@ -305,7 +308,7 @@ async fn a_call_over_max_call_bytes_is_dropped_with_an_error_and_later_calls_wor
     nats.publish(params, bytes::Bytes::new()).await?;
     for n in 0..3 {
         let waited = timed_echo(&mut peer, &format!("echo-{n}")).await?;
-        println!("echo {n} after the oversized call: {waited:?}");
+        common::figure(&format!("echo {n} after the oversized call: {waited:?}"));
     }
     env.stop().await
 }
@@ -330,9 +333,9 @@ async fn a_large_publish_through_the_host_is_gathered_whole_beside_a_stuck_call(
     let large = "L".repeat(1_500_000);
     for n in 0..2 {
         let waited = timed_echo(&mut peer, &large).await?;
-        println!("echo {n} of 1.5 MB with a stuck call: {waited:?}");
+        common::figure(&format!("echo {n} of 1.5 MB with a stuck call: {waited:?}"));
         let waited = timed_echo(&mut peer, &format!("small-{n}")).await?;
-        println!("small echo {n} after it: {waited:?}");
+        common::figure(&format!("small echo {n} after it: {waited:?}"));
     }
     drop(stuck);
     env.stop().await
