@@ -105,12 +105,72 @@ pub fn set_inbound_budget(bytes: u64) {
     let _ = INBOUND_BUDGET.set(budget_of(bytes));
 }
 
-/// Takes room for a frame of `len` bytes in the inbound budget, waiting while it is full.
-async fn reserve(len: usize) -> Option<OwnedSemaphorePermit> {
-    let budget = INBOUND_BUDGET.get_or_init(|| budget_of(crate::config::DEFAULT_MAX_INBOUND_BYTES));
+fn inbound_budget() -> &'static Budget {
+    INBOUND_BUDGET.get_or_init(|| budget_of(crate::config::DEFAULT_MAX_INBOUND_BYTES))
+}
+
+/// One component's share of the inbound budget: at most half of it, so one slow or attacked
+/// component cannot stop every other component's sockets.
+static COMPONENT_SHARES: LazyLock<dashmap::DashMap<String, Arc<Semaphore>>> =
+    LazyLock::new(dashmap::DashMap::new);
+
+fn component_share(component: &str) -> Arc<Semaphore> {
+    if let Some(share) = COMPONENT_SHARES.get(component) {
+        return Arc::clone(&share);
+    }
+    let half = (inbound_budget().total / 2).max(1) as usize;
+    Arc::clone(
+        &COMPONENT_SHARES
+            .entry(component.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(half))),
+    )
+}
+
+/// Room for one queued frame: in its component's share, and in the provider-wide budget.
+pub struct Reserved {
+    _share: OwnedSemaphorePermit,
+    _budget: OwnedSemaphorePermit,
+}
+
+/// Takes room for a frame of `len` bytes in its component's `share` and in the inbound budget,
+/// waiting while either is full. A frame larger than a share takes all of it.
+async fn reserve(share: &Arc<Semaphore>, len: usize) -> Option<Reserved> {
+    let budget = inbound_budget();
     let want = (len as u64).div_ceil(BUDGET_UNIT).max(1);
-    let want = u32::try_from(want).unwrap_or(u32::MAX).min(budget.total);
-    Arc::clone(&budget.room).acquire_many_owned(want).await.ok()
+    let want = u32::try_from(want)
+        .unwrap_or(u32::MAX)
+        .min((budget.total / 2).max(1));
+    let share = Arc::clone(share).acquire_many_owned(want).await.ok()?;
+    let budget = Arc::clone(&budget.room)
+        .acquire_many_owned(want)
+        .await
+        .ok()?;
+    Some(Reserved {
+        _share: share,
+        _budget: budget,
+    })
+}
+
+/// [`reserve`] without waiting: `None` when the share or the budget is used up.
+fn try_reserve(share: &Arc<Semaphore>, len: usize) -> Option<Reserved> {
+    let budget = inbound_budget();
+    let want = u32::try_from(len.div_ceil(BUDGET_UNIT as usize).max(1))
+        .unwrap_or(u32::MAX)
+        .min((budget.total / 2).max(1));
+    let share = Arc::clone(share).try_acquire_many_owned(want).ok()?;
+    let budget = Arc::clone(&budget.room).try_acquire_many_owned(want).ok()?;
+    Some(Reserved {
+        _share: share,
+        _budget: budget,
+    })
+}
+
+/// What a lifecycle message holds of the inbound budget: while it waits it keeps its session
+/// (closed, for a disconnect), the session's queue and delivery task alive.
+pub const LIFECYCLE_COST: usize = 8 * 1024;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// At most one warning a second per session; the ones held back are counted in the next.
@@ -142,8 +202,12 @@ pub struct Inbound {
     /// Boxed, so the queue's up-front room for 32 items is 32 pointers (see `Outbound`).
     pub queue: mpsc::Sender<Box<Queued>>,
     pub stats: Arc<Stats>,
-    /// How long a frame waits (unread socket) for a handler link to attach.
+    /// How long an unread socket waits for a handler link to attach.
     handler_wait: Duration,
+    /// Since when frames have found no handler link (one wait per gap, not one per frame).
+    unrouted_since: Mutex<Option<Instant>>,
+    /// The component's share of the inbound budget.
+    share: Arc<Semaphore>,
     opened: Instant,
     invalid_log: LogLimit,
     no_handler_log: LogLimit,
@@ -213,6 +277,34 @@ impl Inbound {
         }
     }
 
+    /// A lifecycle message for handler link `link`, holding its share of the budget
+    /// ([`LIFECYCLE_COST`]); `None`, counted and logged, when the component's share is used up
+    /// (a component that does not keep up while clients connect and leave).
+    pub fn lifecycle(&self, message: BrokerMessage, link: &str) -> Option<Queued> {
+        let Some(reserved) = try_reserve(&self.share, LIFECYCLE_COST) else {
+            self.stats.undelivered("budget");
+            if let Some(held) = self.no_handler_log.allow(self.opened) {
+                warn!(session = %self.session.id, component = %self.session.component_id,
+                    subject = %message.subject, more_since_last = held,
+                    "lifecycle message dropped: the component's share of MAX_INBOUND_BYTES is used up");
+            }
+            return None;
+        };
+        Some(Queued {
+            kind: Kind::Lifecycle,
+            message,
+            link: link.to_string(),
+            _budget: Some(reserved),
+        })
+    }
+
+    /// What is left of the wait for a handler link in this gap without one: the wait is one
+    /// per gap, so once it is over, frames are counted at once until a link attaches.
+    fn wait_left(&self) -> Duration {
+        let since = *lock(&self.unrouted_since).get_or_insert_with(Instant::now);
+        self.handler_wait.saturating_sub(since.elapsed())
+    }
+
     /// The `mode` attribute of this session's metrics.
     fn mode(&self) -> &'static str {
         if self.session.request.is_some() {
@@ -234,7 +326,7 @@ impl FrameSink for Inbound {
         // Waiting here keeps the socket unread: TCP holds the peer's next frames meanwhile.
         let route = match session.route() {
             Some(route) => route,
-            None => match session.wait_for_route(self.handler_wait).await {
+            None => match session.wait_for_route(self.wait_left()).await {
                 Some(route) => route,
                 None => {
                     self.stats.undelivered("no_handler");
@@ -247,8 +339,9 @@ impl FrameSink for Inbound {
                 }
             },
         };
+        *lock(&self.unrouted_since) = None;
         // Waiting for room in the budget is backpressure too.
-        let Some(budget) = reserve(len).await else {
+        let Some(budget) = reserve(&self.share, len).await else {
             return;
         };
         let message = BrokerMessage {
@@ -294,19 +387,7 @@ pub struct Queued {
     /// The handler link it is for; if that link is gone by delivery time, it is dropped.
     pub link: String,
     /// Its share of the inbound budget, given back when it is delivered or dropped.
-    _budget: Option<OwnedSemaphorePermit>,
-}
-
-impl Queued {
-    /// A lifecycle message (`ws.lifecycle.*`) for handler link `link`.
-    pub fn lifecycle(message: BrokerMessage, link: &str) -> Self {
-        Self {
-            kind: Kind::Lifecycle,
-            message,
-            link: link.to_string(),
-            _budget: None,
-        }
-    }
+    _budget: Option<Reserved>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -357,11 +438,14 @@ pub fn start(
         stats: Arc::clone(&stats),
     };
     tokio::spawn(delivery.run(options.max_in_flight.max(1), queued));
+    let share = component_share(&session.component_id);
     Arc::new(Inbound {
         session,
         queue,
         stats,
         handler_wait: options.handler_wait,
+        unrouted_since: Mutex::new(None),
+        share,
         opened: Instant::now(),
         invalid_log: LogLimit::default(),
         no_handler_log: LogLimit::default(),

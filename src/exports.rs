@@ -32,13 +32,24 @@ async fn send_to(
     msg: &BrokerMessage,
     frame_type: Option<FrameType>,
 ) -> Result<(), String> {
-    let frame = session.frame(
+    session
+        .send(frame_of(session, subject, msg, frame_type)?)
+        .await
+}
+
+/// The frame `msg` becomes on `session`, as its format and the frame type say.
+fn frame_of(
+    session: &Session,
+    subject: &str,
+    msg: &BrokerMessage,
+    frame_type: Option<FrameType>,
+) -> Result<tokio_tungstenite::tungstenite::Message, String> {
+    session.frame(
         subject,
         msg.body.clone(),
         msg.reply_to.as_deref(),
         frame_type.unwrap_or(session.frame_type),
-    )?;
-    session.send(frame).await
+    )
 }
 
 /// Writes `msg` to every session at once, with one deadline for all of them (`FANOUT_TIMEOUT_MS`
@@ -52,12 +63,7 @@ async fn send_all(
 ) -> Vec<Result<(), String>> {
     let deadline = tokio::time::Instant::now() + timeout;
     join_all(sessions.iter().map(|session| async move {
-        let frame = session.frame(
-            subject,
-            msg.body.clone(),
-            msg.reply_to.as_deref(),
-            frame_type.unwrap_or(session.frame_type),
-        )?;
+        let frame = frame_of(session, subject, msg, frame_type)?;
         session.send_fanout(frame, deadline).await
     }))
     .await

@@ -18,7 +18,7 @@ use tracing::Instrument as _;
 
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
 use crate::config::LinkSettings;
-use crate::dispatch::{self, Inbound, Queued};
+use crate::dispatch::{self, Inbound};
 use crate::sessions::{Registry, RequestInfo, Route, Session, SessionOptions};
 use crate::stats::Stats;
 use crate::task::OwnedTask;
@@ -98,7 +98,7 @@ struct Sessions {
 /// Lives as long as one client connection.
 struct Guard {
     session: Arc<Session>,
-    queue: mpsc::Sender<Box<Queued>>,
+    inbound: Arc<Inbound>,
     _state: watch::Sender<ConnState>,
 }
 
@@ -148,18 +148,21 @@ impl Accept for Sessions {
                 "remote": session.remote,
                 "path": session.request.as_ref().map(|r| r.path.clone()),
             });
-            let _ = inbound.queue.try_send(Box::new(Queued::lifecycle(
+            let connected = inbound.lifecycle(
                 BrokerMessage {
                     subject: LIFECYCLE_CONNECTED.to_string(),
                     body: Bytes::from(body.to_string()),
                     reply_to: session.tracking.then(|| session.subject()),
                 },
                 &self.link_name,
-            )));
+            );
+            if let Some(connected) = connected {
+                let _ = inbound.queue.try_send(Box::new(connected));
+            }
         }
         let guard = Guard {
             session,
-            queue: inbound.queue.clone(),
+            inbound: Arc::clone(&inbound),
             _state: state_tx,
         };
         (inbound, out_rx, guard)
@@ -172,7 +175,7 @@ impl Accept for Sessions {
     fn closed(&self, guard: Guard, closed: Closed) {
         let Guard {
             session,
-            queue,
+            inbound,
             _state: state,
         } = guard;
         state.send_replace(ConnState::Disconnected {
@@ -192,12 +195,12 @@ impl Accept for Sessions {
                 reply_to: None,
             };
             // Queued behind the session's last messages, so it is delivered after them.
-            let link = self.link_name.clone();
-            tokio::spawn(async move {
-                let _ = queue
-                    .send(Box::new(Queued::lifecycle(message, &link)))
-                    .await;
-            });
+            if let Some(disconnected) = inbound.lifecycle(message, &self.link_name) {
+                let queue = inbound.queue.clone();
+                tokio::spawn(async move {
+                    let _ = queue.send(Box::new(disconnected)).await;
+                });
+            }
         }
     }
 }

@@ -98,6 +98,8 @@ impl Direction {
 /// How long a delete of a component->provider link waits for the host's delete message to
 /// say which interface it was, when a consumer and a sessions link share the name.
 const DELETE_HINT_WAIT: Duration = Duration::from_secs(2);
+/// How long a delete message's hint stays usable.
+const DELETE_HINT_FRESH: Duration = Duration::from_secs(5);
 
 /// A provider->component link: its connection, whose frames it receives.
 struct HandlerLink {
@@ -293,16 +295,8 @@ impl WsProvider {
             return self.put_server_link(key, &settings).await;
         }
         let conn = self.connection(component, link_name, &settings).await?;
-        // A re-put replaces the link: its old state goes first (its `Drop` detaches its route),
-        // then the new route attaches (a server link of the same name is stopped too).
-        let (old, old_server) = {
-            let mut links = self.links();
-            (links.handlers.remove(&key), links.servers.remove(&key))
-        };
-        drop(old);
-        if let Some(server) = old_server {
-            self.stop_server_link(component, link_name, server).await;
-        }
+        // A re-put replaces the link: its old state goes first, then the new route attaches.
+        self.stop_handler_link(&key).await;
         conn.session.add_route(Route {
             link_name: link_name.to_string(),
             subject: settings.inbound_subject(link_name),
@@ -324,14 +318,7 @@ impl WsProvider {
         let (component, link_name) = (&key.0, &key.1);
         let wrpc = self.wrpc_for(component).await?;
         // A re-put replaces the link: the old listener lets go of its address first.
-        let (old, old_server) = {
-            let mut links = self.links();
-            (links.handlers.remove(&key), links.servers.remove(&key))
-        };
-        drop(old);
-        if let Some(server) = old_server {
-            self.stop_server_link(component, link_name, server).await;
-        }
+        self.stop_handler_link(&key).await;
         let listener = match Listener::start(
             component,
             link_name,
@@ -365,6 +352,7 @@ impl WsProvider {
         let key = (component.to_string(), link_name.to_string());
         let (namespace, package, _) = link.wit_metadata;
         let direction = Direction::of_target(namespace, package);
+        self.forget_delete_hints(&key);
         let settings = self.settings_or_record(direction, &key, link)?;
         if direction == Direction::Sessions {
             let mut links = self.links();
@@ -406,6 +394,19 @@ impl WsProvider {
         Ok(())
     }
 
+    /// Removes handler link `key`'s state, client or server mode, before it is put again: a
+    /// client link's `Drop` detaches its route; a server link is stopped.
+    async fn stop_handler_link(&self, key: &LinkKey) {
+        let (old, old_server) = {
+            let mut links = self.links();
+            (links.handlers.remove(key), links.servers.remove(key))
+        };
+        drop(old);
+        if let Some(server) = old_server {
+            self.stop_server_link(&key.0, &key.1, server).await;
+        }
+    }
+
     /// Stops a server link: its clients' queued frames are dropped (their link is gone), then
     /// the listener lets go of its address and closes every client (1001).
     async fn stop_server_link(&self, component: &str, link_name: &str, server: ServerLink) {
@@ -432,8 +433,14 @@ impl WsProvider {
             )
         };
         match (consumer, sessions) {
-            (true, false) => return Some(Direction::Consumer),
-            (false, true) => return Some(Direction::Sessions),
+            (true, false) => {
+                self.forget_delete_hints(key);
+                return Some(Direction::Consumer);
+            }
+            (false, true) => {
+                self.forget_delete_hints(key);
+                return Some(Direction::Sessions);
+            }
             (false, false) => return None,
             (true, true) => {}
         }
@@ -442,8 +449,13 @@ impl WsProvider {
             let seen = self.inner.deleted_seen.notified();
             {
                 let mut deleted = self.inner.deleted.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(i) = deleted.iter().position(|(k, _, _)| k == key) {
-                    return Some(deleted.remove(i).1);
+                // The newest hint for the key is this delete's; older ones are stale.
+                // A hint arrives within milliseconds of its delete: older ones are stale.
+                deleted.retain(|(_, _, at)| at.elapsed() < DELETE_HINT_FRESH);
+                if let Some(i) = deleted.iter().rposition(|(k, _, _)| k == key) {
+                    let direction = deleted.remove(i).1;
+                    deleted.retain(|(k, _, _)| k != key);
+                    return Some(direction);
                 }
             }
             if tokio::time::timeout_at(deadline, seen).await.is_err() {
@@ -452,6 +464,15 @@ impl WsProvider {
                 return None;
             }
         }
+    }
+
+    /// Drops the delete hints of `key` (a put or an unambiguous delete makes them stale).
+    fn forget_delete_hints(&self, key: &LinkKey) {
+        self.inner
+            .deleted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(k, _, _)| k != key);
     }
 
     /// Follows the host's link-delete messages for this provider, so that a delete of one of
@@ -494,7 +515,7 @@ impl WsProvider {
                 );
                 let direction = Direction::of_target(&deleted.wit_namespace, &deleted.wit_package);
                 let mut list = inner.deleted.lock().unwrap_or_else(|e| e.into_inner());
-                list.retain(|(_, _, at)| at.elapsed() < Duration::from_secs(30));
+                list.retain(|(_, _, at)| at.elapsed() < DELETE_HINT_FRESH);
                 list.push((key, direction, std::time::Instant::now()));
                 drop(list);
                 inner.deleted_seen.notify_waiters();

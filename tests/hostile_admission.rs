@@ -81,28 +81,6 @@ async fn count_closed(streams: Vec<TcpStream>, wait: Duration) -> (usize, Vec<Tc
 }
 
 /// The provider process (a child of this test process whose command line names the host).
-fn provider_pid(env: &Env) -> Result<u32> {
-    let me = std::process::id().to_string();
-    for entry in std::fs::read_dir("/proc")?.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_string));
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if ppid.as_deref() == Some(me.as_str())
-            && String::from_utf8_lossy(&cmdline).contains(&env.host_id)
-        {
-            return Ok(pid);
-        }
-    }
-    bail!("no provider process found")
-}
-
 /// The "Max open files" soft and hard limits of a process (`self` or a PID).
 fn open_files_limit(pid: &str) -> Option<(String, String)> {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
@@ -118,7 +96,7 @@ fn open_fds(pid: u32) -> usize {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_real_client_gets_in_while_2000_idle_connections_are_open() -> Result<()> {
     let env = Env::start().await?;
-    let pid = provider_pid(&env)?;
+    let pid = env.provider_pid().context("no provider process found")?;
     common::figure(&format!(
         "provider pid {pid}: open files limit (soft, hard) {:?}",
         open_files_limit(&pid.to_string())

@@ -129,6 +129,7 @@ impl wrpc_transport::Invoke for ComponentClient {
                 ended: false,
                 stream: results,
                 deadline: None,
+                room: None,
                 _call: registration,
             },
         ))

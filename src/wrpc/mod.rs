@@ -246,6 +246,8 @@ pub struct Incoming {
     /// Server side: the caller must have sent its whole parameter stream by then (a timer is
     /// made only if the stream has to be waited for).
     deadline: Option<Deadline>,
+    /// Server side: the share of the gathering budget that `parts` hold (see [`server`]).
+    room: Option<tokio::sync::SemaphorePermit<'static>>,
     _call: Arc<Registration>,
 }
 
@@ -507,6 +509,7 @@ mod tests {
             ended: true,
             stream,
             deadline: None,
+            room: None,
             _call: Arc::new(Registration {
                 id: 0,
                 subject: Subject::from("x"),

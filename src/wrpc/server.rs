@@ -156,6 +156,7 @@ async fn accept(mux: Arc<Mux>, resender: Arc<Resender>, call: Message) -> anyhow
         ended: false,
         stream: params,
         deadline: Some(Deadline::at(deadline)),
+        room: None,
         _call: registration,
     };
     Ok(Accepted {
@@ -180,6 +181,13 @@ struct Accepted {
 /// The most parameter bytes one call may send (in its first message and after its accept,
 /// together). A call that sends more is dropped, answered with an error (see [`Gathering`]).
 pub const MAX_CALL_BYTES: usize = 64 * 1024 * 1024;
+/// Bytes all calls being gathered may hold at once; a call that would go over it is dropped
+/// and answered with an error, like one over [`MAX_CALL_BYTES`].
+pub const MAX_GATHERING_BYTES: usize = 256 * 1024 * 1024;
+/// The gathering budget counts in units of this many bytes.
+const GATHER_UNIT: usize = 64 * 1024;
+static GATHER_ROOM: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(MAX_GATHERING_BYTES / GATHER_UNIT);
 
 /// How far below the caller's budget for its first message (see [`complete_inline`]) a call's
 /// payload must be to count as complete: room for a caller that counts its headers a little
@@ -295,6 +303,21 @@ async fn gather(nats: async_nats::Client, function: Arc<str>, call: Call) -> Opt
                         break format!(
                             "the call's parameters exceed {MAX_CALL_BYTES} bytes (MAX_CALL_BYTES); call dropped"
                         );
+                    }
+                    let units = message.payload.len().div_ceil(GATHER_UNIT).max(1);
+                    let Some(room) = u32::try_from(units)
+                        .ok()
+                        .and_then(|units| GATHER_ROOM.try_acquire_many(units).ok())
+                    else {
+                        warn!(function = %function, bytes = total, limit = MAX_GATHERING_BYTES,
+                            "calls being gathered hold MAX_GATHERING_BYTES; call dropped");
+                        break format!(
+                            "the provider is gathering {MAX_GATHERING_BYTES} bytes of call parameters already (MAX_GATHERING_BYTES); call dropped"
+                        );
+                    };
+                    match &mut params.room {
+                        Some(held) => held.merge(room),
+                        None => params.room = Some(room),
                     }
                     params.parts.push_back(message.payload);
                 }

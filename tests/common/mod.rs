@@ -406,9 +406,17 @@ impl Env {
 }
 
 impl Env {
+    /// The provider process's ID (a child of this test process started by its host).
+    pub fn provider_pid(&self) -> Option<u32> {
+        child_pids_matching(&self.host_id)
+            .into_iter()
+            .next()
+            .and_then(|pid| pid.parse().ok())
+    }
+
     /// The provider process's resident memory in KiB (its `VmRSS`).
     pub fn provider_rss_kib(&self) -> Option<u64> {
-        let pid = child_pids_matching(&self.host_id).into_iter().next()?;
+        let pid = self.provider_pid()?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         status
             .lines()
