@@ -113,7 +113,13 @@ async fn main() -> Result<()> {
     let url = match &nats_binary {
         Some(binary) => nats_provider(&env, binary).await?,
         None => {
-            let link = pairs("PWASM_LINK_CONFIG");
+            // The load generator opens many handshakes at once from one address: admission's
+            // per-address cap is not what is measured here.
+            let mut link = vec![(
+                "MAX_HANDSHAKES_PER_ADDRESS".to_string(),
+                "65536".to_string(),
+            )];
+            link.extend(pairs("PWASM_LINK_CONFIG"));
             env.serve_scaled("pwasm", "bench", &refs(&link), INSTANCES)
                 .await?
         }

@@ -284,6 +284,9 @@ pub async fn start_provider(bin: &str, nats_url: &str, port: u16) -> Result<toki
                     "MODE": "server",
                     "LISTEN_ADDRESS": format!("127.0.0.1:{port}"),
                     "MAX_CONNECTIONS": "100000",
+                    // The load generator opens 100 handshakes at once from one address.
+                    "MAX_HANDSHAKES_PER_ADDRESS": "65536",
+                    "MAX_PENDING_HANDSHAKES": "65536",
                     "FRAME_TYPE": "binary",
                 },
                 "target_config": {}
