@@ -88,6 +88,21 @@ struct Budget {
     total: u32,
 }
 
+impl Budget {
+    /// A component's share: half of the budget.
+    fn share_units(&self) -> u32 {
+        (self.total / 2).max(1)
+    }
+
+    /// The units a frame of `len` bytes takes: at least one, at most a whole share.
+    fn units_for(&self, len: usize) -> u32 {
+        let units = (len as u64).div_ceil(BUDGET_UNIT).max(1);
+        u32::try_from(units)
+            .unwrap_or(u32::MAX)
+            .min(self.share_units())
+    }
+}
+
 static INBOUND_BUDGET: OnceLock<Budget> = OnceLock::new();
 
 fn budget_of(bytes: u64) -> Budget {
@@ -118,7 +133,7 @@ fn component_share(component: &str) -> Arc<Semaphore> {
     if let Some(share) = COMPONENT_SHARES.get(component) {
         return Arc::clone(&share);
     }
-    let half = (inbound_budget().total / 2).max(1) as usize;
+    let half = inbound_budget().share_units() as usize;
     Arc::clone(
         &COMPONENT_SHARES
             .entry(component.to_string())
@@ -136,10 +151,7 @@ pub struct Reserved {
 /// waiting while either is full. A frame larger than a share takes all of it.
 async fn reserve(share: &Arc<Semaphore>, len: usize) -> Option<Reserved> {
     let budget = inbound_budget();
-    let want = (len as u64).div_ceil(BUDGET_UNIT).max(1);
-    let want = u32::try_from(want)
-        .unwrap_or(u32::MAX)
-        .min((budget.total / 2).max(1));
+    let want = budget.units_for(len);
     let share = Arc::clone(share).acquire_many_owned(want).await.ok()?;
     let budget = Arc::clone(&budget.room)
         .acquire_many_owned(want)
@@ -154,9 +166,7 @@ async fn reserve(share: &Arc<Semaphore>, len: usize) -> Option<Reserved> {
 /// [`reserve`] without waiting: `None` when the share or the budget is used up.
 fn try_reserve(share: &Arc<Semaphore>, len: usize) -> Option<Reserved> {
     let budget = inbound_budget();
-    let want = u32::try_from(len.div_ceil(BUDGET_UNIT as usize).max(1))
-        .unwrap_or(u32::MAX)
-        .min((budget.total / 2).max(1));
+    let want = budget.units_for(len);
     let share = Arc::clone(share).try_acquire_many_owned(want).ok()?;
     let budget = Arc::clone(&budget.room).try_acquire_many_owned(want).ok()?;
     Some(Reserved {
