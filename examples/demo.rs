@@ -17,6 +17,8 @@ async fn main() -> Result<()> {
     let started = Instant::now();
     let step = |what: &str| println!("[{:>5.1}s] {what}", started.elapsed().as_secs_f32());
 
+    // The provider logs warnings and errors only: what follows is the story.
+    common::QUIET.store(true, std::sync::atomic::Ordering::Relaxed);
     step("starting nats-server, a wasmCloud host and the provider");
     let env = common::Env::start().await?;
     let mut server = common::ws::Server::start().await?;

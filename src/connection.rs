@@ -12,9 +12,9 @@ use tokio::sync::{mpsc, watch};
 use tracing::Instrument as _;
 
 use crate::config::LinkSettings;
-use crate::dispatch;
-use crate::sessions::{Registry, Session, SessionOptions};
-use crate::stats::Stats;
+use crate::delivery;
+use crate::metrics::Metrics;
+use crate::session::{Mode, Registry, Session, SessionOptions};
 use crate::task::OwnedTask;
 use crate::ws::client::{self, ClientOptions};
 use crate::ws::socket::ConnState;
@@ -34,15 +34,16 @@ impl Connection {
         settings: &LinkSettings,
         wrpc: ComponentClient,
         registry: Arc<Registry>,
-        stats: Arc<Stats>,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let (state_tx, state_rx) = watch::channel(ConnState::Connecting);
         let (out_tx, out_rx) = mpsc::channel(settings.send_queue_len);
         let session = Arc::new(Session::new(
             SessionOptions {
-                reconnect_wait: Some(settings.publish_wait),
+                publish_wait: Some(settings.publish_wait),
                 max_waiting: settings.send_queue_len,
                 ..SessionOptions::from_link(
+                    Mode::Client,
                     component_id,
                     link_name,
                     settings.endpoint.redacted_uri(),
@@ -62,7 +63,7 @@ impl Connection {
             keepalive: settings.keepalive,
         };
         // Delivery ends by itself once the socket task (which owns the sink) has ended.
-        let inbound = dispatch::start(Arc::clone(&session), wrpc, settings.into(), stats);
+        let inbound = delivery::start(Arc::clone(&session), wrpc, settings.into(), metrics);
         // Everything the socket task logs names its session, component and link.
         let span = tracing::info_span!("session", id = %session.id, component = component_id,
             link = link_name, mode = "client");

@@ -23,7 +23,7 @@ use crate::bindings::exports::wasmcloud_websocket::provider::sessions::{
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
 use crate::config::{Format, FrameType};
 use crate::provider::WsProvider;
-use crate::sessions::Session;
+use crate::session::Session;
 
 /// Writes `msg` to one session, as its format and the frame type say.
 async fn send_to(
@@ -33,6 +33,7 @@ async fn send_to(
     frame_type: Option<FrameType>,
 ) -> Result<(), String> {
     session
+        .outbox
         .send(frame_of(session, subject, msg, frame_type)?)
         .await
 }
@@ -44,11 +45,11 @@ fn frame_of(
     msg: &BrokerMessage,
     frame_type: Option<FrameType>,
 ) -> Result<tokio_tungstenite::tungstenite::Message, String> {
-    session.frame(
+    session.codec.encode(
         subject,
         msg.body.clone(),
         msg.reply_to.as_deref(),
-        frame_type.unwrap_or(session.frame_type),
+        frame_type,
     )
 }
 
@@ -64,7 +65,7 @@ async fn send_all(
     let deadline = tokio::time::Instant::now() + timeout;
     join_all(sessions.iter().map(|session| async move {
         let frame = frame_of(session, subject, msg, frame_type)?;
-        session.send_fanout(frame, deadline).await
+        session.outbox.send_fanout(frame, deadline).await
     }))
     .await
 }
@@ -80,10 +81,12 @@ fn caller(cx: &Option<Context>) -> Result<(&str, &str), String> {
 
 impl WsProvider {
     fn count_publish(&self, result: &Result<(), String>) {
-        self.stats().publish(result.is_ok());
         match result {
             Ok(()) => trace!("publish written"),
-            Err(error) => debug!(%error, "publish refused"),
+            Err(error) => {
+                self.metrics().publish_refused();
+                debug!(%error, "publish refused");
+            }
         }
     }
 
@@ -141,18 +144,19 @@ impl WsProvider {
                 target.sessions.len()
             ));
         };
-        if session.format != Format::Json {
+        if session.codec.format != Format::Json {
             return Err(format!(
                 "request-reply needs FORMAT=json on the link of session {}; raw frames have no reply subject",
                 session.id
             ));
         }
         let inbox = format!("_INBOX.{}", Uuid::new_v4().simple());
-        let reply = session.expect_reply(inbox.clone())?;
-        let frame_type = target.frame_type.unwrap_or(session.frame_type);
-        let frame = session.frame(&target.subject, body, Some(&inbox), frame_type)?;
-        if let Err(e) = session.send(frame).await {
-            session.forget_reply(&inbox);
+        let reply = session.replies.expect(inbox.clone())?;
+        let frame = session
+            .codec
+            .encode(&target.subject, body, Some(&inbox), target.frame_type)?;
+        if let Err(e) = session.outbox.send(frame).await {
+            session.replies.forget(&inbox);
             return Err(e);
         }
         match tokio::time::timeout(Duration::from_millis(u64::from(timeout_ms)), reply).await {
@@ -163,7 +167,7 @@ impl WsProvider {
             }),
             Ok(Err(_)) => Err(format!("session {} ended before the reply", session.id)),
             Err(_) => {
-                session.forget_reply(&inbox);
+                session.replies.forget(&inbox);
                 Err(format!(
                     "request to {subject:?} timed out after {timeout_ms} ms"
                 ))
@@ -216,7 +220,7 @@ impl consumer::Handler<Option<Context>> for WsProvider {
     }
 }
 
-fn to_wit(info: crate::sessions::SessionInfo) -> SessionInfo {
+fn to_wit(info: crate::session::SessionInfo) -> SessionInfo {
     SessionInfo {
         id: info.id.to_string(),
         link_name: info.link_name,
@@ -250,7 +254,7 @@ impl sessions::Handler<Option<Context>> for WsProvider {
         Ok(caller(&cx).map(|(component, _)| {
             self.owned_sessions(component)
                 .iter()
-                .map(|s| to_wit(s.info()))
+                .map(|s| to_wit(self.registry().info(s)))
                 .collect()
         }))
     }
@@ -260,7 +264,9 @@ impl sessions::Handler<Option<Context>> for WsProvider {
         cx: Option<Context>,
         id: String,
     ) -> anyhow::Result<Result<SessionInfo, String>> {
-        Ok(self.session_of(&cx, &id).map(|s| to_wit(s.info())))
+        Ok(self
+            .session_of(&cx, &id)
+            .map(|s| to_wit(self.registry().info(&s))))
     }
 
     async fn send(
@@ -289,7 +295,7 @@ impl sessions::Handler<Option<Context>> for WsProvider {
         let sessions: Vec<_> = self
             .owned_sessions(component)
             .into_iter()
-            .filter(|s| s.is_connected())
+            .filter(|s| s.outbox.is_connected())
             .collect();
         let results = send_all(&sessions, &msg.subject, &msg, None, self.fanout_of(&cx)).await;
         Ok(Ok(delivered(self, &results)))
@@ -367,7 +373,7 @@ impl sessions::Handler<Option<Context>> for WsProvider {
             .registry()
             .group_members(component, &group)
             .into_iter()
-            .filter(|s| s.is_connected())
+            .filter(|s| s.outbox.is_connected())
             .collect();
         let results = send_all(&members, &msg.subject, &msg, None, self.fanout_of(&cx)).await;
         Ok(Ok(delivered(self, &results)))
@@ -414,6 +420,6 @@ impl sessions::Handler<Option<Context>> for WsProvider {
             Ok(s) => s,
             Err(e) => return Ok(Err(e)),
         };
-        Ok(session.close(code, &reason).await)
+        Ok(session.outbox.close(code, &reason).await)
     }
 }

@@ -18,9 +18,9 @@ use tracing::Instrument as _;
 
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
 use crate::config::LinkSettings;
-use crate::dispatch::{self, Inbound};
-use crate::sessions::{Registry, RequestInfo, Route, Session, SessionOptions};
-use crate::stats::Stats;
+use crate::delivery::{self, Inbound};
+use crate::metrics::Metrics;
+use crate::session::{Mode, Registry, RequestInfo, Route, Session, SessionOptions};
 use crate::task::OwnedTask;
 use crate::ws::server::{Accept, PeerInfo, Server, ServerOptions};
 use crate::ws::socket::{Closed, ConnState, Outbound};
@@ -41,7 +41,7 @@ impl Listener {
         settings: &LinkSettings,
         wrpc: ComponentClient,
         registry: Arc<Registry>,
-        stats: Arc<Stats>,
+        metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, String> {
         let server_settings = settings
             .server
@@ -64,7 +64,7 @@ impl Listener {
             lifecycle,
             wrpc,
             registry,
-            stats,
+            metrics,
         });
         // Everything the listener and its connections log names the component and link.
         let span = tracing::info_span!(
@@ -92,7 +92,7 @@ struct Sessions {
     lifecycle: bool,
     wrpc: ComponentClient,
     registry: Arc<Registry>,
-    stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
 }
 
 /// Lives as long as one client connection.
@@ -120,6 +120,7 @@ impl Accept for Sessions {
                     subprotocol: peer.subprotocol,
                 }),
                 ..SessionOptions::from_link(
+                    Mode::Server,
                     &self.component_id,
                     &self.link_name,
                     peer.addr.to_string(),
@@ -134,11 +135,11 @@ impl Accept for Sessions {
             subject: self.subject.clone(),
         });
         self.registry.insert(Arc::clone(&session));
-        let inbound = dispatch::start(
+        let inbound = delivery::start(
             Arc::clone(&session),
             self.wrpc.clone(),
             (&self.settings).into(),
-            Arc::clone(&self.stats),
+            Arc::clone(&self.metrics),
         );
         if self.lifecycle {
             // Queued before the socket is read, so it arrives before the client's first message.
@@ -152,7 +153,7 @@ impl Accept for Sessions {
                 BrokerMessage {
                     subject: LIFECYCLE_CONNECTED.to_string(),
                     body: Bytes::from(body.to_string()),
-                    reply_to: session.tracking.then(|| session.subject()),
+                    reply_to: session.tracking.then(|| session.subject().to_string()),
                 },
                 &self.link_name,
             );
@@ -169,7 +170,7 @@ impl Accept for Sessions {
     }
 
     fn rejected(&self, status: u16) {
-        self.stats.rejected(status);
+        self.metrics.rejected(status);
     }
 
     fn closed(&self, guard: Guard, closed: Closed) {
@@ -194,12 +195,9 @@ impl Accept for Sessions {
                 body: Bytes::from(body.to_string()),
                 reply_to: None,
             };
-            // Queued behind the session's last messages, so it is delivered after them.
+            // Delivered after the session's last messages.
             if let Some(disconnected) = inbound.lifecycle(message, &self.link_name) {
-                let queue = inbound.queue.clone();
-                tokio::spawn(async move {
-                    let _ = queue.send(Box::new(disconnected)).await;
-                });
+                inbound.farewell(disconnected);
             }
         }
     }

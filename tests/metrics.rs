@@ -91,6 +91,45 @@ impl Collector {
         })
     }
 
+    /// The latest exported value of the gauge `name`.
+    fn gauge(&self, name: &str) -> Option<i64> {
+        let exports = self.exports.lock().unwrap();
+        exports.iter().rev().find_map(|export| {
+            metrics(export, name).find_map(|data| match data {
+                metric::Data::Gauge(gauge) => {
+                    gauge.data_points.last().and_then(|p| match p.value {
+                        Some(number_data_point::Value::AsInt(v)) => Some(v),
+                        Some(number_data_point::Value::AsDouble(v)) => Some(v as i64),
+                        None => None,
+                    })
+                }
+                _ => None,
+            })
+        })
+    }
+
+    /// How many exports have arrived so far.
+    fn exports_seen(&self) -> usize {
+        self.exports.lock().unwrap().len()
+    }
+
+    /// The value of gauge `name` once two readings three exports apart agree.
+    async fn settled(&self, name: &str) -> Result<i64> {
+        common::eventually(Duration::from_secs(60), || async {
+            let first = self.gauge(name).context("not exported yet")?;
+            let seen = self.exports_seen();
+            common::eventually(Duration::from_secs(10), || async {
+                ensure!(self.exports_seen() >= seen + 3, "waiting for exports");
+                Ok(())
+            })
+            .await?;
+            let second = self.gauge(name).context("not exported")?;
+            ensure!(first == second, "{name} moved from {first} to {second}");
+            Ok(first)
+        })
+        .await
+    }
+
     /// The latest exported count of the histogram `name` for data points with `attr`.
     fn histogram_count(&self, name: &str, attr: (&str, &str)) -> Option<u64> {
         let exports = self.exports.lock().unwrap();
@@ -134,16 +173,21 @@ fn has(attributes: &[KeyValue], attr: Option<(&str, &str)>) -> bool {
     })
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn exported_metrics_count_known_traffic() -> Result<()> {
-    let collector = Collector::start().await?;
+/// A host that enables metrics, exported to `collector` every 300 ms.
+async fn metered_env(collector: &Collector) -> Result<Env> {
     let otel = wasmcloud_core::OtelConfig {
         enable_metrics: Some(true),
         metrics_endpoint: Some(collector.endpoint.clone()),
         protocol: wasmcloud_core::OtelProtocol::Http,
         ..Default::default()
     };
-    let env = Env::start_with(otel, &[("OTEL_METRIC_EXPORT_INTERVAL", "300")]).await?;
+    Env::start_with(otel, &[("OTEL_METRIC_EXPORT_INTERVAL", "300")]).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exported_metrics_count_known_traffic() -> Result<()> {
+    let collector = Collector::start().await?;
+    let env = metered_env(&collector).await?;
     let url = env.serve("metered", "metered-server", &[]).await?;
 
     // Known traffic: two clients, three echoes each (12 frames of 5 bytes, 6 in and 6 out),
@@ -192,5 +236,95 @@ async fn exported_metrics_count_known_traffic() -> Result<()> {
         "publishes were refused"
     );
     drop(alice);
+    env.stop().await
+}
+
+/// Puts a server-mode and a client-mode handler link on component `counted`, has three clients
+/// and the client link's server peer exchange frames with it, then deletes both links and
+/// waits until every socket saw its close. Returns the tasks gauge while the links were up.
+async fn links_up_and_down(
+    env: &Env,
+    collector: &Collector,
+    server: &mut common::ws::Server,
+    address: &str,
+) -> Result<i64> {
+    env.link_handler("counted", "counted-server", &["counted-server-cfg"])
+        .await?;
+    env.link_handler("counted", "counted-client", &["counted-client-cfg"])
+        .await?;
+    let url = format!("ws://{address}");
+    common::wait_listening(&url).await?;
+    let mut peer = server.accept().await?;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let mut client = connect(&url, &[]).await?;
+        assert_eq!(client.round_trip(&format!("c{i}")).await?, format!("c{i}"));
+        clients.push(client);
+    }
+    assert_eq!(peer.round_trip("from the server").await?, "from the server");
+    let seen = collector.exports_seen();
+    common::eventually(Duration::from_secs(10), || async {
+        ensure!(
+            collector.exports_seen() >= seen + 2,
+            "waiting for an export"
+        );
+        Ok(())
+    })
+    .await?;
+    let during = collector
+        .gauge("websocket.tasks")
+        .context("no tasks gauge")?;
+    env.unlink_handler("counted-server").await?;
+    env.unlink_handler("counted-client").await?;
+    for client in clients.iter_mut().chain(std::iter::once(&mut peer)) {
+        loop {
+            match client.next_message(Duration::from_secs(15)).await {
+                Ok(tokio_tungstenite::tungstenite::Message::Close(_)) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    }
+    Ok(during)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_links_ends_every_task_they_started() -> Result<()> {
+    let collector = Collector::start().await?;
+    let env = metered_env(&collector).await?;
+    let mut server = common::ws::Server::start().await?;
+    env.component_scaled("test_echo", "counted", 4).await?;
+    env.link_consumer("counted", "default", &[]).await?;
+    let address = format!("127.0.0.1:{}", common::free_port()?);
+    env.config(
+        "counted-server-cfg",
+        &[("MODE", "server"), ("LISTEN_ADDRESS", address.as_str())],
+    )
+    .await?;
+    env.config("counted-client-cfg", &[("URI", server.uri().as_str())])
+        .await?;
+
+    // A first round creates what outlives links (the client for calls into components).
+    links_up_and_down(&env, &collector, &mut server, &address).await?;
+    let before = collector.settled("websocket.tasks").await?;
+    // The second round must leave the provider with exactly the tasks it had before it.
+    let during = links_up_and_down(&env, &collector, &mut server, &address).await?;
+    ensure!(
+        during >= before + 4,
+        "with 4 sockets open the provider ran {during} tasks, against {before} without links"
+    );
+    common::eventually(Duration::from_secs(60), || async {
+        let after = collector
+            .gauge("websocket.tasks")
+            .context("no tasks gauge")?;
+        ensure!(
+            after == before,
+            "{after} tasks alive after the links were deleted, {before} before they were put"
+        );
+        Ok(())
+    })
+    .await?;
+    common::figure(&format!(
+        "tasks alive in the provider: {before} without links, {during} with 2 links and 4 sockets, {before} again after deleting them"
+    ));
     env.stop().await
 }

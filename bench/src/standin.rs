@@ -22,7 +22,7 @@ use base64::Engine as _;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use wasmcloud_provider_messaging_websocket::wrpc::{
-    self, ComponentClient, InvocationContext as Context, Invoker, Server,
+    self, ComponentClient, ExportServer, InvocationContext as Context, Invoker,
 };
 
 mod bindings {
@@ -213,7 +213,7 @@ pub async fn serve(nats_url: &str) -> Result<()> {
     };
     // The stand-in serves `handle-message` the way the provider serves its own exports (a
     // native component has no host in between); B3 keeps the stock 0.29 server and client.
-    let own = Server::new(nats.clone(), LATTICE, STANDIN_ID).await?;
+    let own = ExportServer::new(nats.clone(), LATTICE, STANDIN_ID).await?;
     serve_exports(own, standin.clone()).await?;
     serve_exports(server(B3_ID).await?, Noop).await?;
 

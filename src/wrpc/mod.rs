@@ -33,7 +33,7 @@ mod client;
 mod server;
 
 pub use client::{ComponentClient, Invoker, Outgoing};
-pub use server::{serve_exports, Invocations, Server};
+pub use server::{serve_exports, ExportServer, Invocations};
 /// The invocation context the server hands to export handlers (the SDK's).
 pub use wasmcloud_provider_sdk::Context as InvocationContext;
 
@@ -57,7 +57,7 @@ use tracing::debug;
 use crate::task::OwnedTask;
 
 /// Where the demux task puts the messages of one open call.
-struct Route {
+struct OpenCall {
     /// `<inbox>.<n>`: the callee's accept (client side).
     accept: Option<oneshot::Sender<Message>>,
     /// `<inbox>.<n>.results` (client side) or `<inbox>.<n>.params` (server side).
@@ -79,9 +79,9 @@ struct Served {
     accept_resent: AtomicBool,
 }
 
-type Routes = Arc<Mutex<HashMap<u64, Route>>>;
+type Routes = Arc<Mutex<HashMap<u64, OpenCall>>>;
 
-fn lock(routes: &Routes) -> std::sync::MutexGuard<'_, HashMap<u64, Route>> {
+fn lock(routes: &Routes) -> std::sync::MutexGuard<'_, HashMap<u64, OpenCall>> {
     // The map stays consistent across a panic elsewhere; never poison every later call.
     routes.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -133,7 +133,7 @@ impl Mux {
     fn register(&self) -> (Arc<Registration>, oneshot::Receiver<Message>, Stream) {
         let (accept_tx, accept) = oneshot::channel();
         let (stream_tx, stream) = mpsc::unbounded();
-        let registration = self.insert(Route {
+        let registration = self.insert(OpenCall {
             accept: Some(accept_tx),
             stream: stream_tx,
             served: None,
@@ -155,7 +155,7 @@ impl Mux {
         let (stream_tx, stream) = mpsc::unbounded();
         let (ended_tx, ended) = oneshot::channel();
         let served = Arc::new(Served::default());
-        let registration = self.insert(Route {
+        let registration = self.insert(OpenCall {
             accept: None,
             stream: stream_tx,
             served: Some(Arc::clone(&served)),
@@ -164,7 +164,7 @@ impl Mux {
         (registration, stream, served, ended)
     }
 
-    fn insert(&self, route: Route) -> Arc<Registration> {
+    fn insert(&self, route: OpenCall) -> Arc<Registration> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         lock(&self.routes).insert(id, route);
         Arc::new(Registration {

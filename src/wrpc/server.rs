@@ -36,13 +36,13 @@ use crate::task::OwnedTask;
 
 /// Serves functions of the provider under `<lattice>.<provider id>`, as one of a queue group
 /// (so several instances of the provider would share the calls).
-pub struct Server {
+pub struct ExportServer {
     mux: Arc<Mux>,
     prefix: Arc<str>,
     resender: Arc<Resender>,
 }
 
-impl Server {
+impl ExportServer {
     pub async fn new(
         nats: async_nats::Client,
         lattice: &str,
@@ -56,7 +56,7 @@ impl Server {
     }
 }
 
-impl wrpc_transport::Serve for Server {
+impl wrpc_transport::Serve for ExportServer {
     type Context = Option<Context>;
     type Outgoing = Writer;
     type Incoming = Incoming;
@@ -169,7 +169,7 @@ async fn accept(mux: Arc<Mux>, resender: Arc<Resender>, call: Message) -> anyhow
     })
 }
 
-/// One call of a function, as [`Server::serve`] yields it.
+/// One call of a function, as [`ExportServer::serve`] yields it.
 type Call = (Option<Context>, Writer, Incoming);
 
 /// A call just accepted, and whether its first message held all its parameters.

@@ -565,6 +565,11 @@ pub async fn wait_listening(url: &str) -> Result<()> {
     .await
 }
 
+/// Set (by the demo) before a host starts: the host tells its providers to log warnings and
+/// errors only, so that what the demo prints is the story.
+#[allow(dead_code)]
+pub static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// The in-process host's shutdown: the host runs until it is awaited.
 pub type HostShutdown = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>;
 
@@ -591,6 +596,11 @@ pub async fn start_host(
             .enable_builtin_messaging_nats()
             .enable_wasmcloud_messaging_v3(),
         otel_config: otel,
+        log_level: if QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+            wasmcloud_core::logging::Level::Warn
+        } else {
+            wasmcloud_core::logging::Level::Info
+        },
         ..Default::default()
     })
     .await

@@ -1,0 +1,246 @@
+//! Link puts and deletes: a handler link attaches to a (shared) client connection or starts a
+//! listener; a consumer link may open its own connection; a sessions link holds settings only.
+
+use std::sync::Arc;
+
+use tracing::{error, info};
+use wasmcloud_provider_sdk::LinkConfig;
+
+use super::table::{ConsumerLink, Direction, HandlerLink, LinkKey, ServerLink, SessionsLink};
+use super::{WsProvider, SHUTDOWN_GRACE};
+use crate::config::LinkSettings;
+use crate::connection::Connection;
+use crate::listener::Listener;
+use crate::session::Route;
+
+impl WsProvider {
+    /// Finds or opens the connection of `component` for `settings`.
+    pub(super) async fn connection(
+        &self,
+        component: &str,
+        link_name: &str,
+        settings: &LinkSettings,
+    ) -> anyhow::Result<Arc<Connection>> {
+        if let Some(conn) = self.links().connection_for(component, &settings.endpoint) {
+            return Ok(conn);
+        }
+        let wrpc = self.wrpc_for(component).await?;
+        let mut links = self.links();
+        // Another link may have opened it while the wRPC client was created.
+        if let Some(conn) = links.connection_for(component, &settings.endpoint) {
+            return Ok(conn);
+        }
+        let conn = Connection::open(
+            component,
+            link_name,
+            settings,
+            wrpc,
+            Arc::clone(&self.inner.registry),
+            Arc::clone(&self.inner.metrics),
+        );
+        links.prune_pool();
+        links.pool.insert(
+            (component.to_string(), settings.endpoint.clone()),
+            Arc::downgrade(&conn),
+        );
+        info!(component, session = %conn.session.id, uri = %settings.endpoint.redacted_uri(), "opened connection");
+        Ok(conn)
+    }
+
+    /// Parses a link's settings; a bad config is recorded for health and returned.
+    pub(super) fn settings_or_record(
+        &self,
+        direction: Direction,
+        key: &LinkKey,
+        link: &LinkConfig<'_>,
+    ) -> anyhow::Result<LinkSettings> {
+        self.settings(link).map_err(|e| {
+            self.record_error(direction, key.clone(), e.to_string());
+            e.into()
+        })
+    }
+
+    pub(super) fn record_error(&self, direction: Direction, key: LinkKey, error: String) {
+        error!(direction = direction.as_str(), component = %key.0, link = %key.1, %error, "link refused");
+        self.links().errors.insert((direction, key), error);
+    }
+
+    pub(super) async fn put_handler_link(
+        &self,
+        component: &str,
+        link_name: &str,
+        link: &LinkConfig<'_>,
+    ) -> anyhow::Result<()> {
+        let key = (component.to_string(), link_name.to_string());
+        let settings = self.settings_or_record(Direction::Handler, &key, link)?;
+        if settings.server.is_some() {
+            return self.put_server_link(key, &settings).await;
+        }
+        let conn = self.connection(component, link_name, &settings).await?;
+        // A re-put replaces the link: its old state goes first, then the new route attaches.
+        self.stop_handler_link(&key).await;
+        conn.session.add_route(Route {
+            link_name: link_name.to_string(),
+            subject: settings.inbound_subject(link_name),
+        });
+        let mut links = self.links();
+        links.errors.remove(&(Direction::Handler, key.clone()));
+        links.handlers.insert(
+            key,
+            HandlerLink {
+                conn,
+                link_name: link_name.to_string(),
+            },
+        );
+        links.prune_pool();
+        Ok(())
+    }
+
+    pub(super) async fn put_server_link(
+        &self,
+        key: LinkKey,
+        settings: &LinkSettings,
+    ) -> anyhow::Result<()> {
+        let (component, link_name) = (&key.0, &key.1);
+        let wrpc = self.wrpc_for(component).await?;
+        // A re-put replaces the link: the old listener lets go of its address first.
+        self.stop_handler_link(&key).await;
+        let listener = match Listener::start(
+            component,
+            link_name,
+            settings,
+            wrpc,
+            Arc::clone(&self.inner.registry),
+            Arc::clone(&self.inner.metrics),
+        )
+        .await
+        {
+            Ok(listener) => listener,
+            Err(e) => {
+                self.record_error(Direction::Handler, key, e.clone());
+                anyhow::bail!(e);
+            }
+        };
+        info!(component = %component, link = %link_name, address = ?listener.address, "server link listening");
+        let subject = settings.inbound_subject(link_name);
+        let mut links = self.links();
+        links.errors.remove(&(Direction::Handler, key.clone()));
+        links.servers.insert(key, ServerLink { listener, subject });
+        Ok(())
+    }
+
+    pub(super) async fn put_consumer_link(
+        &self,
+        component: &str,
+        link_name: &str,
+        link: &LinkConfig<'_>,
+    ) -> anyhow::Result<()> {
+        let key = (component.to_string(), link_name.to_string());
+        let (namespace, package, _) = link.wit_metadata;
+        let direction = Direction::of_target(namespace, package);
+        self.forget_delete_hints(&key);
+        let settings = self.settings_or_record(direction, &key, link)?;
+        if direction == Direction::Sessions {
+            let mut links = self.links();
+            links.errors.remove(&(direction, key.clone()));
+            links.sessions.insert(
+                key,
+                SessionsLink {
+                    fanout_timeout: settings.fanout_timeout,
+                },
+            );
+            return Ok(());
+        }
+        if settings.server.is_some() {
+            let e = "MODE=server belongs on the handler link (provider -> component), not the consumer link".to_string();
+            self.record_error(Direction::Consumer, key, e.clone());
+            anyhow::bail!(e);
+        }
+        let conn = if settings.uri_set_on_link {
+            Some(self.connection(component, link_name, &settings).await?)
+        } else {
+            None
+        };
+        let frame_type = link
+            .config
+            .keys()
+            .any(|k| k.eq_ignore_ascii_case(crate::config::FRAME_TYPE))
+            .then_some(settings.frame_type);
+        let mut links = self.links();
+        links.errors.remove(&(Direction::Consumer, key.clone()));
+        links.consumers.insert(
+            key,
+            ConsumerLink {
+                conn,
+                frame_type,
+                fanout_timeout: settings.fanout_timeout,
+            },
+        );
+        links.prune_pool();
+        Ok(())
+    }
+
+    /// Removes handler link `key`'s state, client or server mode, before it is put again: a
+    /// client link's `Drop` detaches its route; a server link is stopped.
+    pub(super) async fn stop_handler_link(&self, key: &LinkKey) {
+        let (old, old_server) = {
+            let mut links = self.links();
+            (links.handlers.remove(key), links.servers.remove(key))
+        };
+        drop(old);
+        if let Some(server) = old_server {
+            self.stop_server_link(&key.0, &key.1, server).await;
+        }
+    }
+
+    /// Stops a server link: its clients' queued frames are dropped (their link is gone), then
+    /// the listener lets go of its address and closes every client (1001).
+    pub(super) async fn stop_server_link(
+        &self,
+        component: &str,
+        link_name: &str,
+        server: ServerLink,
+    ) {
+        for session in self.inner.registry.clients_of_link(component, link_name) {
+            session.remove_route(link_name);
+        }
+        server.listener.close(SHUTDOWN_GRACE).await;
+    }
+
+    pub(super) async fn remove_link(&self, direction: Direction, component: &str, link_name: &str) {
+        let key = (component.to_string(), link_name.to_string());
+        let direction = match direction {
+            Direction::Handler => Direction::Handler,
+            _ => match self.deleted_target(&key).await {
+                Some(direction) => direction,
+                None => return,
+            },
+        };
+        let removed_any;
+        let server;
+        {
+            let mut links = self.links();
+            links.errors.remove(&(direction, key.clone()));
+            server = match direction {
+                Direction::Handler => links.servers.remove(&key),
+                _ => None,
+            };
+            removed_any = match direction {
+                Direction::Handler => links.handlers.remove(&key).is_some() | server.is_some(),
+                Direction::Consumer => links.consumers.remove(&key).is_some(),
+                Direction::Sessions => links.sessions.remove(&key).is_some(),
+            };
+            links.prune_pool();
+        }
+        if let Some(server) = server {
+            self.stop_server_link(component, link_name, server).await;
+        }
+        info!(
+            direction = direction.as_str(),
+            component,
+            link = link_name,
+            removed_any,
+            "link deleted"
+        );
+    }
+}

@@ -1,0 +1,190 @@
+//! A session's way out: its bounded queue to the socket task, the slow-consumer policy, and
+//! the wait for a client connection to come back.
+
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+use crate::ws::socket::{ConnState, Outbound};
+
+/// The sending half of one session's socket, and the state the socket task reports.
+pub struct Outbox {
+    id: Uuid,
+    state: watch::Receiver<ConnState>,
+    outbound: mpsc::Sender<Box<Outbound>>,
+    /// Client sessions reconnect: a publish while disconnected waits this long (`None`: it
+    /// fails at once).
+    publish_wait: Option<std::time::Duration>,
+    waiting: Semaphore,
+    write_timeout: std::time::Duration,
+    close_slow: bool,
+    kick: Notify,
+}
+
+impl Outbox {
+    pub(super) fn new(
+        id: Uuid,
+        options: &super::SessionOptions,
+        state: watch::Receiver<ConnState>,
+        outbound: mpsc::Sender<Box<Outbound>>,
+    ) -> Self {
+        Self {
+            id,
+            state,
+            outbound,
+            publish_wait: options.publish_wait,
+            waiting: Semaphore::new(options.max_waiting),
+            write_timeout: options.write_timeout,
+            close_slow: options.close_slow,
+            kick: Notify::new(),
+        }
+    }
+
+    pub fn state(&self) -> ConnState {
+        self.state.borrow().clone()
+    }
+
+    pub fn is_connected(&self) -> bool {
+        matches!(*self.state.borrow(), ConnState::Connected { .. })
+    }
+
+    /// Since when the socket has been connected, in milliseconds since the Unix epoch.
+    pub fn connected_since_ms(&self) -> Option<u64> {
+        match *self.state.borrow() {
+            ConnState::Connected { since } => since
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .and_then(|d| u64::try_from(d.as_millis()).ok()),
+            _ => None,
+        }
+    }
+
+    /// Writes one frame and waits until it was flushed to the socket.
+    /// Every failure is returned as a message for the caller; nothing is dropped silently.
+    pub async fn send(&self, message: Message) -> Result<(), String> {
+        if !self.is_connected() {
+            self.wait_connected().await?;
+        }
+        let deadline = tokio::time::Instant::now() + self.write_timeout;
+        self.send_until(message, deadline, true).await
+    }
+
+    /// One frame of a fan-out: queued at once (a disconnected session fails at once), and
+    /// waited for until the fan-out's one `deadline`. A session that has not written it by
+    /// then counts as not reached (the frame may still be written); only a full queue counts
+    /// as a slow consumer.
+    pub async fn send_fanout(
+        &self,
+        message: Message,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), String> {
+        if !self.is_connected() {
+            return Err(format!("session {} is not connected", self.id));
+        }
+        self.send_until(message, deadline, false).await
+    }
+
+    async fn send_until(
+        &self,
+        message: Message,
+        deadline: tokio::time::Instant,
+        slow_on_timeout: bool,
+    ) -> Result<(), String> {
+        let (ack, done) = oneshot::channel();
+        self.outbound
+            .try_send(Box::new(Outbound {
+                message,
+                ack: Some(ack),
+            }))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    self.slow_consumer(format!("send queue of session {} is full", self.id))
+                }
+                mpsc::error::TrySendError::Closed(_) => format!("session {} is closed", self.id),
+            })?;
+        match tokio::time::timeout_at(deadline, done).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(format!("session {} closed before the write", self.id)),
+            Err(_) if slow_on_timeout => Err(self.slow_consumer(format!(
+                "session {} did not take the frame within {} ms: the peer is not reading (the frame may still be written)",
+                self.id,
+                self.write_timeout.as_millis()
+            ))),
+            Err(_) => Err(format!(
+                "session {} did not take the frame before the fan-out's deadline (it may still be written)",
+                self.id
+            )),
+        }
+    }
+
+    /// Applies the slow-consumer policy and returns the error for the publisher.
+    fn slow_consumer(&self, error: String) -> String {
+        if self.close_slow {
+            // Only the socket being served now is kicked: no permit is stored for a later one.
+            self.kick.notify_waiters();
+            format!("{error}; the session is being closed (SLOW_CONSUMER=close)")
+        } else {
+            error
+        }
+    }
+
+    /// Resolves when the slow-consumer policy wants this session's socket dropped.
+    pub async fn kicked(&self) {
+        self.kick.notified().await;
+    }
+
+    /// Waits (bounded in time and in number of waiters) for a client session to reconnect.
+    async fn wait_connected(&self) -> Result<(), String> {
+        let not_connected = || format!("session {} is not connected", self.id);
+        let wait = self.publish_wait.ok_or_else(not_connected)?;
+        let _permit = self.waiting.try_acquire().map_err(|_| {
+            format!(
+                "session {} is not connected and too many publishes are already waiting",
+                self.id
+            )
+        })?;
+        let mut state = self.state.clone();
+        let waited = tokio::time::timeout(wait, async {
+            state
+                .wait_for(|s| matches!(s, ConnState::Connected { .. }))
+                .await
+                .is_ok()
+        })
+        .await;
+        match waited {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!("session {} is closed", self.id)),
+            Err(_) => Err(format!(
+                "session {} is not connected (waited {} ms for a reconnect)",
+                self.id,
+                wait.as_millis()
+            )),
+        }
+    }
+
+    /// Queues one frame without waiting for the write (error frames); fails when the queue is full.
+    pub fn send_nowait(&self, message: Message) -> Result<(), String> {
+        self.outbound
+            .try_send(Box::new(Outbound { message, ack: None }))
+            .map_err(|_| format!("send queue of session {} is full or closed", self.id))
+    }
+
+    /// Closes the socket with `code` and `reason`, waiting until the close frame was written.
+    pub async fn close(&self, code: u16, reason: &str) -> Result<(), String> {
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        if !(code == 1000 || (3000..=4999).contains(&code)) {
+            return Err(format!(
+                "close code {code} is not allowed: use 1000 or 3000-4999"
+            ));
+        }
+        if reason.len() > 123 {
+            return Err("close reason must be at most 123 bytes".to_string());
+        }
+        self.send(Message::Close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.to_string().into(),
+        })))
+        .await
+    }
+}
