@@ -773,3 +773,7 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+#[path = "socket_tests.rs"]
+mod duplex_tests;
