@@ -6,8 +6,8 @@
 //! - [`app`]: the process: config read before the runtime, observability, the SDK loop, the
 //!   export server;
 //! - [`provider`] and [`exports`]: the wasmCloud glue (links, health, shutdown, wRPC exports);
-//! - [`connection`] and [`listener`]: opening a link's sessions (client sockets, server
-//!   listeners);
+//! - [`link`]: opening a link's sessions, once for both modes: client sockets, server
+//!   listeners;
 //! - [`routing`]: where a publish goes, a pure function of the caller's links;
 //! - [`delivery`]: inbound frames to a component's `handle-message`;
 //! - [`session`]: a session, its outbox and replies, and the registry (the only shared
@@ -25,11 +25,10 @@ pub mod app;
 pub mod bindings;
 pub mod codec;
 pub mod config;
-pub mod connection;
 pub mod delivery;
 pub mod envelope;
 pub mod exports;
-pub mod listener;
+pub mod link;
 pub mod metrics;
 pub mod provider;
 pub mod routing;

@@ -239,6 +239,15 @@ async fn exported_metrics_count_known_traffic() -> Result<()> {
     env.stop().await
 }
 
+/// Whether what a peer read is the end of its socket: a close frame, or the stream ending (not
+/// a data frame, not a timeout).
+fn closed(next: Result<tokio_tungstenite::tungstenite::Message>) -> bool {
+    match next {
+        Ok(message) => message.is_close(),
+        Err(e) => !format!("{e:#}").contains("no message within the wait"),
+    }
+}
+
 /// Puts a server-mode and a client-mode handler link on component `counted`, has three clients
 /// and the client link's server peer exchange frames with it, then deletes both links and
 /// waits until every socket saw its close. Returns the tasks gauge while the links were up.
@@ -276,14 +285,16 @@ async fn links_up_and_down(
         .context("no tasks gauge")?;
     env.unlink_handler("counted-server").await?;
     env.unlink_handler("counted-client").await?;
-    for client in clients.iter_mut().chain(std::iter::once(&mut peer)) {
-        loop {
-            match client.next_message(Duration::from_secs(15)).await {
-                Ok(tokio_tungstenite::tungstenite::Message::Close(_)) | Err(_) => break,
-                Ok(_) => continue,
-            }
-        }
+    for client in &mut clients {
+        ensure!(
+            closed(client.next_message(Duration::from_secs(15)).await),
+            "client not closed"
+        );
     }
+    ensure!(
+        closed(peer.next_message(Duration::from_secs(15)).await),
+        "server peer not closed"
+    );
     Ok(during)
 }
 

@@ -5,14 +5,14 @@ use std::sync::Arc;
 
 use super::table::Direction;
 use super::WsProvider;
-use crate::connection::Connection;
+use crate::link::client::ClientSocket;
 use crate::ws::socket::ConnState;
 
 impl WsProvider {
     /// Counts of links, connections and listeners, for health reports.
     pub(super) fn summary(&self) -> String {
         let links = self.links();
-        let conns: Vec<&Arc<Connection>> = links
+        let conns: Vec<&Arc<ClientSocket>> = links
             .handlers
             .values()
             .map(|h| &h.conn)

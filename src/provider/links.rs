@@ -9,8 +9,8 @@ use wasmcloud_provider_sdk::LinkConfig;
 use super::table::{ConsumerLink, Direction, HandlerLink, LinkKey, ServerLink, SessionsLink};
 use super::{WsProvider, SHUTDOWN_GRACE};
 use crate::config::LinkSettings;
-use crate::connection::Connection;
-use crate::listener::Listener;
+use crate::link::client::ClientSocket;
+use crate::link::server::Listener;
 use crate::session::Route;
 
 impl WsProvider {
@@ -20,7 +20,7 @@ impl WsProvider {
         component: &str,
         link_name: &str,
         settings: &LinkSettings,
-    ) -> anyhow::Result<Arc<Connection>> {
+    ) -> anyhow::Result<Arc<ClientSocket>> {
         if let Some(conn) = self.links().connection_for(component, &settings.endpoint) {
             return Ok(conn);
         }
@@ -30,7 +30,7 @@ impl WsProvider {
         if let Some(conn) = links.connection_for(component, &settings.endpoint) {
             return Ok(conn);
         }
-        let conn = Connection::open(
+        let conn = ClientSocket::open(
             component,
             link_name,
             settings,

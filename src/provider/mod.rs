@@ -37,7 +37,7 @@ use wasmcloud_provider_sdk::{
 };
 
 use crate::config::{LinkSettings, ProviderDefaults};
-use crate::connection::Connection;
+use crate::link::client::ClientSocket;
 use crate::metrics::Metrics;
 use crate::session::Registry;
 use crate::wrpc::{ComponentClient, Invoker};
@@ -251,7 +251,7 @@ impl Provider for WsProvider {
                 std::mem::take(&mut links.servers),
             )
         };
-        let mut conns: Vec<Arc<Connection>> = handlers
+        let mut conns: Vec<Arc<ClientSocket>> = handlers
             .values()
             .map(|h| Arc::clone(&h.conn))
             .chain(consumers.values().filter_map(|c| c.conn.clone()))

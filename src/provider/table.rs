@@ -6,8 +6,8 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::config::{Endpoint, FrameType};
-use crate::connection::Connection;
-use crate::listener::Listener;
+use crate::link::client::ClientSocket;
+use crate::link::server::Listener;
 
 /// (component ID, link name)
 pub(super) type LinkKey = (String, String);
@@ -40,7 +40,7 @@ impl Direction {
 
 /// A provider->component link: its connection, whose frames it receives.
 pub(super) struct HandlerLink {
-    pub(super) conn: Arc<Connection>,
+    pub(super) conn: Arc<ClientSocket>,
     pub(super) link_name: String,
 }
 
@@ -52,7 +52,7 @@ impl Drop for HandlerLink {
 
 /// A component->provider link: its own connection, if its config set `URI`.
 pub(super) struct ConsumerLink {
-    pub(super) conn: Option<Arc<Connection>>,
+    pub(super) conn: Option<Arc<ClientSocket>>,
     pub(super) frame_type: Option<FrameType>,
     pub(super) fanout_timeout: Duration,
 }
@@ -74,7 +74,7 @@ pub(super) struct Links {
     pub(super) servers: HashMap<LinkKey, ServerLink>,
     pub(super) consumers: HashMap<LinkKey, ConsumerLink>,
     pub(super) sessions: HashMap<LinkKey, SessionsLink>,
-    pub(super) pool: HashMap<(String, Endpoint), Weak<Connection>>,
+    pub(super) pool: HashMap<(String, Endpoint), Weak<ClientSocket>>,
     /// Links whose config was refused, with the reason (reported by health).
     pub(super) errors: HashMap<(Direction, LinkKey), String>,
 }
@@ -84,7 +84,7 @@ impl Links {
         &self,
         component: &str,
         endpoint: &Endpoint,
-    ) -> Option<Arc<Connection>> {
+    ) -> Option<Arc<ClientSocket>> {
         self.pool
             .get(&(component.to_string(), endpoint.clone()))
             .and_then(Weak::upgrade)

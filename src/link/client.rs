@@ -1,31 +1,30 @@
-//! A live client connection: a registered session plus the task that owns its socket.
+//! A client connection: a registered session plus the task that owns its socket (connecting,
+//! reconnecting).
 //!
-//! [`Connection::open`] registers the session and spawns the socket task. The handle is shared
+//! [`ClientSocket::open`] registers the session and spawns the socket task. The handle is shared
 //! (`Arc`) by every link that uses the socket; when the last one lets go, `Drop` cancels the task
 //! (which sends a close frame) and removes the session from the registry.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::wrpc::ComponentClient;
-use tokio::sync::{mpsc, watch};
 use tracing::Instrument as _;
 
 use crate::config::LinkSettings;
-use crate::delivery;
 use crate::metrics::Metrics;
 use crate::session::{Mode, Registry, Session, SessionOptions};
 use crate::task::OwnedTask;
+use crate::wrpc::ComponentClient;
 use crate::ws::client::{self, ClientOptions};
 use crate::ws::socket::ConnState;
 
-pub struct Connection {
+pub struct ClientSocket {
     pub session: Arc<Session>,
     registry: Arc<Registry>,
     task: OwnedTask,
 }
 
-impl Connection {
+impl ClientSocket {
     /// Registers a session for `component_id` and starts connecting it as the settings of
     /// link `link_name` say.
     pub fn open(
@@ -36,10 +35,8 @@ impl Connection {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        let (state_tx, state_rx) = watch::channel(ConnState::Connecting);
-        let (out_tx, out_rx) = mpsc::channel(settings.send_queue_len);
-        let session = Arc::new(Session::new(
-            SessionOptions {
+        let opened = super::open(super::Opening {
+            options: SessionOptions {
                 publish_wait: Some(settings.publish_wait),
                 max_waiting: settings.send_queue_len,
                 ..SessionOptions::from_link(
@@ -50,10 +47,15 @@ impl Connection {
                     settings,
                 )
             },
-            state_rx,
-            out_tx,
-        ));
-        registry.insert(Arc::clone(&session));
+            state: ConnState::Connecting,
+            queue_len: settings.send_queue_len,
+            route: None,
+            delivery: settings.into(),
+            wrpc,
+            registry: &registry,
+            metrics,
+        });
+        let session = Arc::clone(&opened.session);
         let options = ClientOptions {
             endpoint: settings.endpoint.clone(),
             connect_timeout: settings.connect_timeout,
@@ -62,13 +64,19 @@ impl Connection {
             max_message_bytes: settings.max_message_bytes,
             keepalive: settings.keepalive,
         };
-        // Delivery ends by itself once the socket task (which owns the sink) has ended.
-        let inbound = delivery::start(Arc::clone(&session), wrpc, settings.into(), metrics);
         // Everything the socket task logs names its session, component and link.
         let span = tracing::info_span!("session", id = %session.id, component = component_id,
             link = link_name, mode = "client");
         let task = OwnedTask::spawn(|cancel| {
-            client::run(options, inbound, out_rx, state_tx, cancel).instrument(span)
+            // Delivery ends by itself once the socket task (which owns the sink) has ended.
+            client::run(
+                options,
+                opened.inbound,
+                opened.outbound,
+                opened.state,
+                cancel,
+            )
+            .instrument(span)
         });
         Arc::new(Self {
             session,
@@ -83,7 +91,7 @@ impl Connection {
     }
 }
 
-impl Drop for Connection {
+impl Drop for ClientSocket {
     fn drop(&mut self) {
         // Dropping `task` cancels the socket task, which sends a close frame.
         self.registry.remove(&self.session.id);

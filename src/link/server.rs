@@ -18,7 +18,7 @@ use tracing::Instrument as _;
 
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
 use crate::config::LinkSettings;
-use crate::delivery::{self, Inbound};
+use crate::delivery::Inbound;
 use crate::metrics::Metrics;
 use crate::session::{Mode, Registry, RequestInfo, Route, Session, SessionOptions};
 use crate::task::OwnedTask;
@@ -56,7 +56,7 @@ impl Listener {
         })
         .await?;
         let address = server.local_addr();
-        let acceptor = Arc::new(Sessions {
+        let acceptor = Arc::new(Acceptor {
             component_id: component_id.to_string(),
             link_name: link_name.to_string(),
             subject: settings.inbound_subject(link_name),
@@ -84,7 +84,7 @@ impl Listener {
 }
 
 /// Turns admitted clients into sessions of one component's link.
-struct Sessions {
+struct Acceptor {
     component_id: String,
     link_name: String,
     subject: String,
@@ -102,17 +102,18 @@ struct Guard {
     _state: watch::Sender<ConnState>,
 }
 
-impl Accept for Sessions {
+impl Accept for Acceptor {
     type Sink = Inbound;
     type Guard = Guard;
 
     fn open(&self, peer: PeerInfo) -> (Arc<Inbound>, mpsc::Receiver<Box<Outbound>>, Guard) {
-        let (state_tx, state_rx) = watch::channel(ConnState::Connected {
-            since: SystemTime::now(),
-        });
-        let (out_tx, out_rx) = mpsc::channel(self.settings.send_queue_len);
-        let session = Arc::new(Session::new(
-            SessionOptions {
+        let super::Opened {
+            session,
+            inbound,
+            outbound,
+            state,
+        } = super::open(super::Opening {
+            options: SessionOptions {
                 request: Some(RequestInfo {
                     path: peer.path,
                     query: peer.query,
@@ -127,20 +128,19 @@ impl Accept for Sessions {
                     &self.settings,
                 )
             },
-            state_rx,
-            out_tx,
-        ));
-        session.add_route(Route {
-            link_name: self.link_name.clone(),
-            subject: self.subject.clone(),
+            state: ConnState::Connected {
+                since: SystemTime::now(),
+            },
+            queue_len: self.settings.send_queue_len,
+            route: Some(Route {
+                link_name: self.link_name.clone(),
+                subject: self.subject.clone(),
+            }),
+            delivery: (&self.settings).into(),
+            wrpc: self.wrpc.clone(),
+            registry: &self.registry,
+            metrics: Arc::clone(&self.metrics),
         });
-        self.registry.insert(Arc::clone(&session));
-        let inbound = delivery::start(
-            Arc::clone(&session),
-            self.wrpc.clone(),
-            (&self.settings).into(),
-            Arc::clone(&self.metrics),
-        );
         if self.lifecycle {
             // Queued before the socket is read, so it arrives before the client's first message.
             let body = serde_json::json!({
@@ -164,9 +164,9 @@ impl Accept for Sessions {
         let guard = Guard {
             session,
             inbound: Arc::clone(&inbound),
-            _state: state_tx,
+            _state: state,
         };
-        (inbound, out_rx, guard)
+        (inbound, outbound, guard)
     }
 
     fn rejected(&self, status: u16) {

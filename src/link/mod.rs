@@ -1,0 +1,63 @@
+//! Opening a link's sessions: client connections ([`client`]) and server listeners
+//! ([`server`]) set a session up the same way, here: its channels, the session, its registry
+//! entry and its delivery task.
+
+pub mod client;
+pub mod server;
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::delivery::{self, DeliveryOptions, Inbound};
+use crate::metrics::Metrics;
+use crate::session::{Registry, Route, Session, SessionOptions};
+use crate::wrpc::ComponentClient;
+use crate::ws::socket::{ConnState, Outbound};
+
+/// What a new session needs.
+pub struct Opening<'a> {
+    pub options: SessionOptions,
+    /// The connection state it starts in.
+    pub state: ConnState,
+    /// Its outbound queue's length (`SEND_QUEUE_LEN`).
+    pub queue_len: usize,
+    /// The handler link that takes its frames from the start (server mode), if any.
+    pub route: Option<Route>,
+    pub delivery: DeliveryOptions,
+    pub wrpc: ComponentClient,
+    pub registry: &'a Registry,
+    pub metrics: Arc<Metrics>,
+}
+
+/// A registered session, with what its socket task needs: the sink for its frames, its outbound
+/// queue, and the sender of its connection state.
+pub struct Opened {
+    pub session: Arc<Session>,
+    pub inbound: Arc<Inbound>,
+    pub outbound: mpsc::Receiver<Box<Outbound>>,
+    pub state: watch::Sender<ConnState>,
+}
+
+/// Sets a session up: registered (addressable by ID) with its delivery task running.
+pub fn open(opening: Opening<'_>) -> Opened {
+    let (state, state_rx) = watch::channel(opening.state);
+    let (out_tx, outbound) = mpsc::channel(opening.queue_len);
+    let session = Arc::new(Session::new(opening.options, state_rx, out_tx));
+    if let Some(route) = opening.route {
+        session.add_route(route);
+    }
+    opening.registry.insert(Arc::clone(&session));
+    let inbound = delivery::start(
+        Arc::clone(&session),
+        opening.wrpc,
+        opening.delivery,
+        opening.metrics,
+    );
+    Opened {
+        session,
+        inbound,
+        outbound,
+        state,
+    }
+}
