@@ -1,0 +1,129 @@
+//! `wasmcloud:messaging/consumer@0.2.0`: `publish` (to the sessions routing picks) and
+//! `request` (one session, `FORMAT=json`, waiting for the peer's reply).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tracing::{debug, instrument};
+use uuid::Uuid;
+use wasmcloud_provider_sdk::{propagate_trace_for_ctx, Context};
+
+use super::{caller, send_all, send_to};
+use crate::bindings::exports::wasmcloud::messaging::consumer;
+use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
+use crate::config::Format;
+use crate::provider::WsProvider;
+
+impl WsProvider {
+    async fn publish_message(
+        &self,
+        cx: &Option<Context>,
+        msg: BrokerMessage,
+    ) -> Result<(), String> {
+        let (component, link_name) = caller(cx)?;
+        let target = self.route_publish(component, link_name, &msg.subject)?;
+        debug!(
+            component,
+            link = link_name,
+            sessions = target.sessions.len(),
+            bytes = msg.body.len(),
+            "publish"
+        );
+        match target.sessions.as_slice() {
+            [session] => send_to(session, &target.subject, &msg, target.frame_type).await,
+            sessions => {
+                let results = send_all(
+                    sessions,
+                    &target.subject,
+                    &msg,
+                    target.frame_type,
+                    target.fanout_timeout,
+                )
+                .await;
+                let failed: Vec<&String> =
+                    results.iter().filter_map(|r| r.as_ref().err()).collect();
+                match failed.first() {
+                    None => Ok(()),
+                    Some(first) => Err(format!(
+                        "{} of {} sessions did not get the message; first error: {first}",
+                        failed.len(),
+                        sessions.len()
+                    )),
+                }
+            }
+        }
+    }
+
+    async fn request_reply(
+        &self,
+        cx: &Option<Context>,
+        subject: &str,
+        body: Bytes,
+        timeout_ms: u32,
+    ) -> Result<BrokerMessage, String> {
+        let (component, link_name) = caller(cx)?;
+        let target = self.route_publish(component, link_name, subject)?;
+        let [session] = target.sessions.as_slice() else {
+            return Err(format!(
+                "subject {subject:?} names {} sessions; a request goes to one session (use its session subject)",
+                target.sessions.len()
+            ));
+        };
+        if session.codec.format != Format::Json {
+            return Err(format!(
+                "request-reply needs FORMAT=json on the link of session {}; raw frames have no reply subject",
+                session.id
+            ));
+        }
+        let inbox = format!("_INBOX.{}", Uuid::new_v4().simple());
+        let reply = session.replies.expect(inbox.clone())?;
+        let frame = session
+            .codec
+            .encode(&target.subject, body, Some(&inbox), target.frame_type)?;
+        if let Err(e) = session.outbox.send(frame).await {
+            session.replies.forget(&inbox);
+            return Err(e);
+        }
+        match tokio::time::timeout(Duration::from_millis(u64::from(timeout_ms)), reply).await {
+            Ok(Ok(envelope)) => Ok(BrokerMessage {
+                subject: envelope.subject,
+                body: envelope.body,
+                reply_to: envelope.reply_to,
+            }),
+            Ok(Err(_)) => Err(format!("session {} ended before the reply", session.id)),
+            Err(_) => {
+                session.replies.forget(&inbox);
+                Err(format!(
+                    "request to {subject:?} timed out after {timeout_ms} ms"
+                ))
+            }
+        }
+    }
+}
+
+impl consumer::Handler<Option<Context>> for WsProvider {
+    #[instrument(level = "debug", skip_all, fields(subject = %msg.subject))]
+    async fn publish(
+        &self,
+        cx: Option<Context>,
+        msg: BrokerMessage,
+    ) -> anyhow::Result<Result<(), String>> {
+        // Continue the caller's trace (the host sends its context with the invocation).
+        propagate_trace_for_ctx!(cx);
+        let result = self.publish_message(&cx, msg).await;
+        self.count_publish(&result);
+        Ok(result)
+    }
+
+    #[instrument(level = "debug", skip_all, fields(subject = %subject))]
+    async fn request(
+        &self,
+        cx: Option<Context>,
+        subject: String,
+        body: Bytes,
+        timeout_ms: u32,
+    ) -> anyhow::Result<Result<BrokerMessage, String>> {
+        propagate_trace_for_ctx!(cx);
+        Ok(self.request_reply(&cx, &subject, body, timeout_ms).await)
+    }
+}
