@@ -19,7 +19,7 @@
 use std::time::Duration;
 
 use wasmcloud_provider_sdk::wasmcloud_tracing::{
-    global, Counter, Histogram, KeyValue, ObservableGauge, UpDownCounter,
+    global, Counter, Histogram, KeyValue, Meter, ObservableGauge, UpDownCounter,
 };
 
 use crate::session::Mode;
@@ -132,22 +132,27 @@ impl Default for Metrics {
                 .u64_counter("websocket.frames.undeliverable")
                 .with_description("Inbound frames not delivered to a component")
                 .build(),
-            _tasks: {
-                // Built inside the runtime (by the provider, in `app::run`).
-                let runtime = tokio::runtime::Handle::try_current().ok();
-                meter
-                    .i64_observable_gauge("websocket.tasks")
-                    .with_description("Tasks alive in the provider's runtime (all of them: the SDK's, NATS's and the provider's)")
-                    .with_callback(move |observer| {
-                        if let Some(runtime) = &runtime {
-                            let alive = runtime.metrics().num_alive_tasks();
-                            observer.observe(i64::try_from(alive).unwrap_or(i64::MAX), &[]);
-                        }
-                    })
-                    .build()
-            },
+            _tasks: tasks_gauge(&meter),
         }
     }
+}
+
+/// The gauge of tasks alive in the runtime the metrics are built in (the provider's, in
+/// `app::run`).
+fn tasks_gauge(meter: &Meter) -> ObservableGauge<i64> {
+    let runtime = tokio::runtime::Handle::try_current().ok();
+    meter
+        .i64_observable_gauge("websocket.tasks")
+        .with_description(
+            "Tasks alive in the provider's runtime (all of them: the SDK's, NATS's and the provider's)",
+        )
+        .with_callback(move |observer| {
+            if let Some(runtime) = &runtime {
+                let alive = runtime.metrics().num_alive_tasks();
+                observer.observe(i64::try_from(alive).unwrap_or(i64::MAX), &[]);
+            }
+        })
+        .build()
 }
 
 fn mode(mode: Mode) -> [KeyValue; 1] {

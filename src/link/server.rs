@@ -102,6 +102,23 @@ struct Guard {
     _state: watch::Sender<ConnState>,
 }
 
+impl Acceptor {
+    /// The `ws.lifecycle.connected` message of a new client's session.
+    fn connected(&self, session: &Session) -> BrokerMessage {
+        let body = serde_json::json!({
+            "session": session.id.to_string(),
+            "link": self.link_name,
+            "remote": session.remote,
+            "path": session.request.as_ref().map(|r| r.path.clone()),
+        });
+        BrokerMessage {
+            subject: LIFECYCLE_CONNECTED.to_string(),
+            body: Bytes::from(body.to_string()),
+            reply_to: session.tracking.then(|| session.subject().to_string()),
+        }
+    }
+}
+
 impl Accept for Acceptor {
     type Sink = Inbound;
     type Guard = Guard;
@@ -143,21 +160,7 @@ impl Accept for Acceptor {
         });
         if self.lifecycle {
             // Queued before the socket is read, so it arrives before the client's first message.
-            let body = serde_json::json!({
-                "session": session.id.to_string(),
-                "link": self.link_name,
-                "remote": session.remote,
-                "path": session.request.as_ref().map(|r| r.path.clone()),
-            });
-            let connected = inbound.lifecycle(
-                BrokerMessage {
-                    subject: LIFECYCLE_CONNECTED.to_string(),
-                    body: Bytes::from(body.to_string()),
-                    reply_to: session.tracking.then(|| session.subject().to_string()),
-                },
-                &self.link_name,
-            );
-            if let Some(connected) = connected {
+            if let Some(connected) = inbound.lifecycle(self.connected(&session), &self.link_name) {
                 let _ = inbound.queue.try_send(Box::new(connected));
             }
         }
