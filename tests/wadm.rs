@@ -57,7 +57,10 @@ async fn deploy_example(example: &str, wasm: &str, extra: &[(&str, String)]) -> 
     replacements.extend(extra.iter().cloned());
     let text = manifest(&format!("examples/{example}/wadm.yaml"), &replacements)?;
     let name = deploy(&client, &text).await?;
-    wait_deployed(&client, &name, Duration::from_secs(60)).await?;
+    // wadm reports `deployed` once every scaler saw its effect; on two busy cores, with two hosts
+    // compiling components in a debug build, that took over a minute (a missed event waits for
+    // the host's next 30 s health check to be reconciled again).
+    wait_deployed(&client, &name, Duration::from_secs(180)).await?;
     Ok(Deployed {
         dev,
         _nats: nats,
