@@ -497,6 +497,21 @@ async fn a_flood_of_invalid_envelopes_does_not_slow_another_session() -> Result<
         .send_json(serde_json::json!({"subject": "warm", "body": "up"}))
         .await?;
     victim.recv_json().await?;
+    // The victim's echo latency without the flood, measured on this machine in this run: the
+    // flood may not make it much worse (a starved session waits for seconds).
+    let mut quiet = Vec::new();
+    for i in 0..50 {
+        let started = Instant::now();
+        victim
+            .send_json(serde_json::json!({"subject": "quiet", "body": i.to_string()}))
+            .await?;
+        let answer = victim.recv_json().await?;
+        ensure!(answer["body"].as_str() == Some(i.to_string().as_str()), "{answer}");
+        quiet.push(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    quiet.sort();
+    let quiet_p99 = percentile(&quiet, 0.99);
     // The frames are encoded once, by hand (masked text frames, as a client sends them), and
     // written raw: the test's own CPU goes to the provider's work, not to encoding frames.
     const MASK: [u8; 4] = [0x1f, 0x2e, 0x3d, 0x4c];
@@ -534,12 +549,15 @@ async fn a_flood_of_invalid_envelopes_does_not_slow_another_session() -> Result<
     latencies.sort();
     let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
     common::figure(&format!(
-        "{BAD_FRAMES} invalid envelopes sent in {took:?}; the other session's echo over {} round trips meanwhile: p50 {p50:?}, p99 {p99:?}, max {:?}",
+        "{BAD_FRAMES} invalid envelopes sent in {took:?}; the other session's echo over {} round trips meanwhile: p50 {p50:?}, p99 {p99:?}, max {:?} (p99 without the flood: {quiet_p99:?})",
         latencies.len(),
         latencies.last().copied().unwrap_or_default()
     ));
     ensure!(latencies.len() >= 10, "too few round trips to judge");
-    ensure!(p99 < Duration::from_millis(50), "p99 {p99:?}");
+    // A ratio to the quiet latency of the same run, plus room for the flood's own share of two
+    // busy cores: a starved session would wait for the whole flood (seconds).
+    let bound = quiet_p99 * 4 + Duration::from_millis(100);
+    ensure!(p99 < bound, "p99 {p99:?} with the flood, {quiet_p99:?} without it (bound {bound:?})");
     let (healthy, _) = env.health().await?;
     ensure!(healthy);
     env.stop().await
