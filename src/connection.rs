@@ -11,7 +11,7 @@ use crate::wrpc::ComponentClient;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument as _;
 
-use crate::config::LinkSettings;
+use crate::config::{ClientSettings, LinkSettings};
 use crate::dispatch;
 use crate::sessions::{Registry, Session, SessionOptions};
 use crate::stats::Stats;
@@ -27,11 +27,12 @@ pub struct Connection {
 
 impl Connection {
     /// Registers a session for `component_id` and starts connecting it as the settings of
-    /// link `link_name` say.
+    /// link `link_name` say (`client` is their client part).
     pub fn open(
         component_id: &str,
         link_name: &str,
         settings: &LinkSettings,
+        client: &ClientSettings,
         wrpc: ComponentClient,
         registry: Arc<Registry>,
         stats: Arc<Stats>,
@@ -40,12 +41,12 @@ impl Connection {
         let (out_tx, out_rx) = mpsc::channel(settings.send_queue_len);
         let session = Arc::new(Session::new(
             SessionOptions {
-                reconnect_wait: Some(settings.publish_wait),
+                reconnect_wait: Some(client.publish_wait),
                 max_waiting: settings.send_queue_len,
                 ..SessionOptions::from_link(
                     component_id,
                     link_name,
-                    settings.endpoint.redacted_uri(),
+                    client.endpoint.redacted_uri(),
                     settings,
                 )
             },
@@ -54,10 +55,10 @@ impl Connection {
         ));
         registry.insert(Arc::clone(&session));
         let options = ClientOptions {
-            endpoint: settings.endpoint.clone(),
-            connect_timeout: settings.connect_timeout,
-            reconnect_min: settings.reconnect_min,
-            reconnect_max: settings.reconnect_max,
+            endpoint: client.endpoint.clone(),
+            connect_timeout: client.connect_timeout,
+            reconnect_min: client.reconnect_min,
+            reconnect_max: client.reconnect_max,
             max_message_bytes: settings.max_message_bytes,
             keepalive: settings.keepalive,
         };

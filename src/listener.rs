@@ -44,13 +44,13 @@ impl Listener {
         stats: Arc<Stats>,
     ) -> Result<Arc<Self>, String> {
         let server_settings = settings
-            .server
-            .clone()
+            .server()
+            .cloned()
             .ok_or_else(|| "link is not in server mode".to_string())?;
         let lifecycle = server_settings.lifecycle_events;
         let server = Server::bind(ServerOptions {
+            token: server_settings.auth_token.clone(),
             settings: server_settings,
-            token: settings.endpoint.auth_token.clone(),
             max_message_bytes: settings.max_message_bytes,
             keepalive: settings.keepalive,
         })

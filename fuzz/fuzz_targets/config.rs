@@ -1,9 +1,9 @@
-//! Fuzzes link-config parsing (`src/config.rs`): any keys and values a manifest may hold must
+//! Fuzzes link-config parsing (`src/config/`): any keys and values a manifest may hold must
 //! give settings or an error that names a key, never a panic; accepted settings must also
 //! build the link's runtime objects (queues, semaphores, deadlines) without a panic.
 #![no_main]
 
-#[path = "../../src/config.rs"]
+#[path = "../../src/config/mod.rs"]
 #[allow(dead_code)]
 mod config;
 
