@@ -11,13 +11,14 @@ use crate::wrpc::ComponentClient;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument as _;
 
-use crate::config::{ClientSettings, LinkSettings};
+use crate::config::{self, ClientSettings, LinkSettings};
 use crate::dispatch;
 use crate::sessions::{Registry, Session, SessionOptions};
 use crate::stats::Stats;
 use crate::task::OwnedTask;
 use crate::ws::client::{self, ClientOptions};
-use crate::ws::socket::ConnState;
+use crate::ws::socket::{ConnState, Keepalive};
+use crate::ws::Token;
 
 pub struct Connection {
     pub session: Arc<Session>,
@@ -54,14 +55,7 @@ impl Connection {
             out_tx,
         ));
         registry.insert(Arc::clone(&session));
-        let options = ClientOptions {
-            endpoint: client.endpoint.clone(),
-            connect_timeout: client.connect_timeout,
-            reconnect_min: client.reconnect_min,
-            reconnect_max: client.reconnect_max,
-            max_message_bytes: settings.max_message_bytes,
-            keepalive: settings.keepalive,
-        };
+        let options = client_options(settings, client);
         // Delivery ends by itself once the socket task (which owns the sink) has ended.
         let inbound = dispatch::start(Arc::clone(&session), wrpc, settings.into(), stats);
         // Everything the socket task logs names its session, component and link.
@@ -83,9 +77,82 @@ impl Connection {
     }
 }
 
+/// The transport's options for a client link's socket.
+fn client_options(settings: &LinkSettings, client: &ClientSettings) -> ClientOptions {
+    let endpoint = &client.endpoint;
+    ClientOptions {
+        uri: endpoint.uri.clone(),
+        shown_uri: endpoint.redacted_uri(),
+        token: token(endpoint.auth_token.as_ref()),
+        headers: endpoint.headers.clone(),
+        connect_timeout: client.connect_timeout,
+        reconnect_min: client.reconnect_min,
+        reconnect_max: client.reconnect_max,
+        max_message_bytes: settings.max_message_bytes,
+        keepalive: settings.keepalive.into(),
+    }
+}
+
+/// A configured secret as the transport's token.
+pub(crate) fn token(secret: Option<&config::Secret>) -> Option<Token> {
+    secret.map(|s| Token::new(s.expose()))
+}
+
+impl From<config::Keepalive> for Keepalive {
+    fn from(k: config::Keepalive) -> Self {
+        Self {
+            ping_interval: k.ping_interval,
+            pong_timeout: k.pong_timeout,
+            idle_timeout: k.idle_timeout,
+        }
+    }
+}
+
 impl Drop for Connection {
     fn drop(&mut self) {
         // Dropping `task` cancels the socket task, which sends a close frame.
         self.registry.remove(&self.session.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config::ProviderDefaults;
+
+    #[test]
+    fn the_socket_takes_the_client_settings_without_showing_credentials() {
+        let config: HashMap<String, String> = [
+            ("URI", "wss://u:pw0rd@example.com/x?k=qu3ry"),
+            ("HEADER_X-One", "1"),
+            ("CONNECT_TIMEOUT_SEC", "3"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let secrets = [("AUTH_TOKEN".to_string(), "t0k".to_string())].into();
+        let settings = ProviderDefaults::default()
+            .link_settings(&config, &secrets)
+            .expect("parse");
+        let client = settings.client().expect("client mode");
+        let options = client_options(&settings, client);
+        assert_eq!(options.uri, client.endpoint.uri);
+        assert_eq!(
+            options.shown_uri,
+            "wss://<redacted>@example.com/x?<redacted>"
+        );
+        assert_eq!(options.token.as_ref().map(|t| t.expose()), Some("t0k"));
+        assert_eq!(options.headers, client.endpoint.headers);
+        assert_eq!(options.connect_timeout, Duration::from_secs(3));
+        assert_eq!(
+            options.keepalive.pong_timeout,
+            settings.keepalive.pong_timeout
+        );
+        let shown = format!("{options:?}");
+        for secret in ["pw0rd", "qu3ry", "t0k"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
     }
 }
