@@ -4,7 +4,7 @@
 #![no_main]
 
 #[path = "../../src/config/mod.rs"]
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 mod config;
 
 use std::collections::HashMap;
