@@ -506,7 +506,10 @@ async fn a_flood_of_invalid_envelopes_does_not_slow_another_session() -> Result<
             .send_json(serde_json::json!({"subject": "quiet", "body": i.to_string()}))
             .await?;
         let answer = victim.recv_json().await?;
-        ensure!(answer["body"].as_str() == Some(i.to_string().as_str()), "{answer}");
+        ensure!(
+            answer["body"].as_str() == Some(i.to_string().as_str()),
+            "{answer}"
+        );
         quiet.push(started.elapsed());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -557,7 +560,10 @@ async fn a_flood_of_invalid_envelopes_does_not_slow_another_session() -> Result<
     // A ratio to the quiet latency of the same run, plus room for the flood's own share of two
     // busy cores: a starved session would wait for the whole flood (seconds).
     let bound = quiet_p99 * 4 + Duration::from_millis(100);
-    ensure!(p99 < bound, "p99 {p99:?} with the flood, {quiet_p99:?} without it (bound {bound:?})");
+    ensure!(
+        p99 < bound,
+        "p99 {p99:?} with the flood, {quiet_p99:?} without it (bound {bound:?})"
+    );
     let (healthy, _) = env.health().await?;
     ensure!(healthy);
     env.stop().await

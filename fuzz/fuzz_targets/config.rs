@@ -1,10 +1,10 @@
-//! Fuzzes link-config parsing (`src/config.rs`): any keys and values a manifest may hold must
+//! Fuzzes link-config parsing (`src/config/`): any keys and values a manifest may hold must
 //! give settings or an error that names a key, never a panic; accepted settings must also
 //! build the link's runtime objects (queues, semaphores, deadlines) without a panic.
 #![no_main]
 
-#[path = "../../src/config.rs"]
-#[allow(dead_code)]
+#[path = "../../src/config/mod.rs"]
+#[allow(dead_code, unused_imports)]
 mod config;
 
 use std::collections::HashMap;

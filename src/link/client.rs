@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tracing::Instrument as _;
 
-use crate::config::LinkSettings;
+use crate::config::{ClientSettings, LinkSettings};
 use crate::metrics::Metrics;
 use crate::session::{Mode, Registry, Session, SessionOptions};
 use crate::task::OwnedTask;
@@ -26,24 +26,25 @@ pub struct ClientSocket {
 
 impl ClientSocket {
     /// Registers a session for `component_id` and starts connecting it as the settings of
-    /// link `link_name` say.
+    /// link `link_name` say (`client` is their client part).
     pub fn open(
         component_id: &str,
         link_name: &str,
         settings: &LinkSettings,
+        client: &ClientSettings,
         wrpc: ComponentClient,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let opened = super::open(super::Opening {
             options: SessionOptions {
-                publish_wait: Some(settings.publish_wait),
+                publish_wait: Some(client.publish_wait),
                 max_waiting: settings.send_queue_len,
                 ..SessionOptions::from_link(
                     Mode::Client,
                     component_id,
                     link_name,
-                    settings.endpoint.redacted_uri(),
+                    client.endpoint.redacted_uri(),
                     settings,
                 )
             },
@@ -56,14 +57,7 @@ impl ClientSocket {
             metrics,
         });
         let session = Arc::clone(&opened.session);
-        let options = ClientOptions {
-            endpoint: settings.endpoint.clone(),
-            connect_timeout: settings.connect_timeout,
-            reconnect_min: settings.reconnect_min,
-            reconnect_max: settings.reconnect_max,
-            max_message_bytes: settings.max_message_bytes,
-            keepalive: settings.keepalive,
-        };
+        let options = client_options(settings, client);
         // Everything the socket task logs names its session, component and link.
         let span = tracing::info_span!("session", id = %session.id, component = component_id,
             link = link_name, mode = "client");
@@ -91,9 +85,67 @@ impl ClientSocket {
     }
 }
 
+/// The transport's options for a client link's socket.
+fn client_options(settings: &LinkSettings, client: &ClientSettings) -> ClientOptions {
+    let endpoint = &client.endpoint;
+    ClientOptions {
+        uri: endpoint.uri.clone(),
+        shown_uri: endpoint.redacted_uri(),
+        token: super::token(endpoint.auth_token.as_ref()),
+        headers: endpoint.headers.clone(),
+        connect_timeout: client.connect_timeout,
+        reconnect_min: client.reconnect_min,
+        reconnect_max: client.reconnect_max,
+        max_message_bytes: settings.max_message_bytes,
+        keepalive: settings.keepalive.into(),
+    }
+}
+
 impl Drop for ClientSocket {
     fn drop(&mut self) {
         // Dropping `task` cancels the socket task, which sends a close frame.
         self.registry.remove(&self.session.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config::ProviderDefaults;
+
+    #[test]
+    fn the_socket_takes_the_client_settings_without_showing_credentials() {
+        let config: HashMap<String, String> = [
+            ("URI", "wss://u:pw0rd@example.com/x?k=qu3ry"),
+            ("HEADER_X-One", "1"),
+            ("CONNECT_TIMEOUT_SEC", "3"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let secrets = [("AUTH_TOKEN".to_string(), "t0k".to_string())].into();
+        let settings = ProviderDefaults::default()
+            .link_settings(&config, &secrets)
+            .expect("parse");
+        let client = settings.client().expect("client mode");
+        let options = client_options(&settings, client);
+        assert_eq!(options.uri, client.endpoint.uri);
+        assert_eq!(
+            options.shown_uri,
+            "wss://<redacted>@example.com/x?<redacted>"
+        );
+        assert_eq!(options.token.as_ref().map(|t| t.expose()), Some("t0k"));
+        assert_eq!(options.headers, client.endpoint.headers);
+        assert_eq!(options.connect_timeout, Duration::from_secs(3));
+        assert_eq!(
+            options.keepalive.pong_timeout,
+            settings.keepalive.pong_timeout
+        );
+        let shown = format!("{options:?}");
+        for secret in ["pw0rd", "qu3ry", "t0k"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
     }
 }

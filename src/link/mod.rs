@@ -9,11 +9,13 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
+use crate::config;
 use crate::delivery::{self, DeliveryOptions, Inbound};
 use crate::metrics::Metrics;
 use crate::session::{Registry, Route, Session, SessionOptions};
 use crate::wrpc::ComponentClient;
-use crate::ws::socket::{ConnState, Outbound};
+use crate::ws::socket::{ConnState, Keepalive, Outbound};
+use crate::ws::Token;
 
 /// What a new session needs.
 pub struct Opening<'a> {
@@ -59,5 +61,20 @@ pub fn open(opening: Opening<'_>) -> Opened {
         inbound,
         outbound,
         state,
+    }
+}
+
+/// A configured secret as the transport's token.
+fn token(secret: Option<&config::Secret>) -> Option<Token> {
+    secret.map(|s| Token::new(s.expose()))
+}
+
+impl From<config::Keepalive> for Keepalive {
+    fn from(k: config::Keepalive) -> Self {
+        Self {
+            ping_interval: k.ping_interval,
+            pong_timeout: k.pong_timeout,
+            idle_timeout: k.idle_timeout,
+        }
     }
 }

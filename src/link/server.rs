@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::Instrument as _;
 
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
-use crate::config::LinkSettings;
+use crate::config::{LinkSettings, ServerSettings};
 use crate::delivery::Inbound;
 use crate::metrics::Metrics;
 use crate::session::{Mode, Registry, RequestInfo, Route, Session, SessionOptions};
@@ -44,17 +44,10 @@ impl Listener {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, String> {
         let server_settings = settings
-            .server
-            .clone()
+            .server()
             .ok_or_else(|| "link is not in server mode".to_string())?;
         let lifecycle = server_settings.lifecycle_events;
-        let server = Server::bind(ServerOptions {
-            settings: server_settings,
-            token: settings.endpoint.auth_token.clone(),
-            max_message_bytes: settings.max_message_bytes,
-            keepalive: settings.keepalive,
-        })
-        .await?;
+        let server = Server::bind(server_options(settings, server_settings)).await?;
         let address = server.local_addr();
         let acceptor = Arc::new(Acceptor {
             component_id: component_id.to_string(),
@@ -80,6 +73,25 @@ impl Listener {
     /// Stops accepting, closes every client, and waits up to `grace` for them.
     pub async fn close(&self, grace: Duration) {
         self.task.close(grace).await;
+    }
+}
+
+/// The transport's options for a server link's listener.
+fn server_options(settings: &LinkSettings, server: &ServerSettings) -> ServerOptions {
+    ServerOptions {
+        listen_address: server.listen_address,
+        path: server.path.clone(),
+        token: super::token(server.auth_token.as_ref()),
+        allowed_origins: server.allowed_origins.clone(),
+        max_connections: server.max_connections,
+        subprotocols: server.subprotocols.clone(),
+        tls: server.tls.clone(),
+        session_headers: server.session_headers.clone(),
+        handshake_timeout: server.handshake_timeout,
+        max_pending_handshakes: server.max_pending_handshakes,
+        max_handshakes_per_address: server.max_handshakes_per_address,
+        max_message_bytes: settings.max_message_bytes,
+        keepalive: settings.keepalive.into(),
     }
 }
 
@@ -203,5 +215,37 @@ impl Accept for Acceptor {
                 inbound.farewell(disconnected);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config::ProviderDefaults;
+
+    #[test]
+    fn the_listener_takes_the_server_settings_and_their_own_token() {
+        let config: HashMap<String, String> = [
+            ("MODE", "server"),
+            ("LISTEN_ADDRESS", "127.0.0.1:9"),
+            ("PATH", "/ws"),
+            ("PING_INTERVAL_SEC", "0"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let secrets = [("AUTH_TOKEN".to_string(), "t0k".to_string())].into();
+        let settings = ProviderDefaults::default()
+            .link_settings(&config, &secrets)
+            .expect("parse");
+        let server = settings.server().expect("server mode");
+        let options = server_options(&settings, server);
+        assert_eq!(options.token.as_ref().map(|t| t.expose()), Some("t0k"));
+        assert_eq!(options.listen_address, server.listen_address);
+        assert_eq!(options.path, "/ws");
+        assert_eq!(options.keepalive.ping_interval, None);
+        assert!(!format!("{options:?}").contains("t0k"));
     }
 }

@@ -21,29 +21,33 @@ impl WsProvider {
         link_name: &str,
         settings: &LinkSettings,
     ) -> anyhow::Result<Arc<ClientSocket>> {
-        if let Some(conn) = self.links().connection_for(component, &settings.endpoint) {
+        let Some(client) = settings.client() else {
+            anyhow::bail!("a server-mode link has no connection");
+        };
+        if let Some(conn) = self.links().connection_for(component, &client.endpoint) {
             return Ok(conn);
         }
         let wrpc = self.wrpc_for(component).await?;
         let mut links = self.links();
         // Another link may have opened it while the wRPC client was created.
-        if let Some(conn) = links.connection_for(component, &settings.endpoint) {
+        if let Some(conn) = links.connection_for(component, &client.endpoint) {
             return Ok(conn);
         }
         let conn = ClientSocket::open(
             component,
             link_name,
             settings,
+            client,
             wrpc,
             Arc::clone(&self.inner.registry),
             Arc::clone(&self.inner.metrics),
         );
         links.prune_pool();
         links.pool.insert(
-            (component.to_string(), settings.endpoint.clone()),
+            (component.to_string(), client.endpoint.clone()),
             Arc::downgrade(&conn),
         );
-        info!(component, session = %conn.session.id, uri = %settings.endpoint.redacted_uri(), "opened connection");
+        info!(component, session = %conn.session.id, uri = %client.endpoint.redacted_uri(), "opened connection");
         Ok(conn)
     }
 
@@ -73,7 +77,7 @@ impl WsProvider {
     ) -> anyhow::Result<()> {
         let key = (component.to_string(), link_name.to_string());
         let settings = self.settings_or_record(Direction::Handler, &key, link)?;
-        if settings.server.is_some() {
+        if settings.server().is_some() {
             return self.put_server_link(key, &settings).await;
         }
         let conn = self.connection(component, link_name, &settings).await?;
@@ -151,12 +155,12 @@ impl WsProvider {
             );
             return Ok(());
         }
-        if settings.server.is_some() {
+        if settings.server().is_some() {
             let e = "MODE=server belongs on the handler link (provider -> component), not the consumer link".to_string();
             self.record_error(Direction::Consumer, key, e.clone());
             anyhow::bail!(e);
         }
-        let conn = if settings.uri_set_on_link {
+        let conn = if settings.client().is_some_and(|c| c.uri_set_on_link) {
             Some(self.connection(component, link_name, &settings).await?)
         } else {
             None

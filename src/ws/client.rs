@@ -11,6 +11,8 @@
 //!
 //! This module knows nothing of wasmCloud or sessions.
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -22,15 +24,21 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::socket::{serve, ws_config, ConnState, End, FrameSink, Keepalive, Outbound};
-use crate::config::Endpoint;
+use super::Token;
 
 /// A connection that stayed up this long resets the reconnect backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(5);
 
 /// Everything needed to open and keep one client connection.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ClientOptions {
-    pub endpoint: Endpoint,
+    pub uri: String,
+    /// `uri` as logs may show it: the owner removes credentials (user info, query).
+    pub shown_uri: String,
+    /// Sent as `Authorization: Bearer <token>`.
+    pub token: Option<Token>,
+    /// Extra upgrade-request headers.
+    pub headers: BTreeMap<String, String>,
     pub connect_timeout: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
@@ -38,24 +46,40 @@ pub struct ClientOptions {
     pub keepalive: Keepalive,
 }
 
-/// Builds the upgrade request: URI, `HEADER_*` headers and `Authorization: Bearer`.
+/// Shows the URI as `shown_uri` and headers by name only: either may hold a credential.
+impl fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("uri", &self.shown_uri)
+            .field("token", &self.token)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("connect_timeout", &self.connect_timeout)
+            .field("reconnect_min", &self.reconnect_min)
+            .field("reconnect_max", &self.reconnect_max)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("keepalive", &self.keepalive)
+            .finish()
+    }
+}
+
+/// Builds the upgrade request: URI, extra headers and `Authorization: Bearer`.
 fn upgrade_request(
-    endpoint: &Endpoint,
+    options: &ClientOptions,
 ) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, String> {
-    let mut request = endpoint
+    let mut request = options
         .uri
         .as_str()
         .into_client_request()
-        .map_err(|e| format!("bad URI {:?}: {e}", endpoint.redacted_uri()))?;
+        .map_err(|e| format!("bad URI {:?}: {e}", options.shown_uri))?;
     let headers = request.headers_mut();
-    for (name, value) in &endpoint.headers {
+    for (name, value) in &options.headers {
         let name = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| format!("bad header name {name:?}"))?;
         let value =
             HeaderValue::from_str(value).map_err(|_| format!("bad value for header {name}"))?;
         headers.insert(name, value);
     }
-    if let Some(token) = &endpoint.auth_token {
+    if let Some(token) = &options.token {
         let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
             .map_err(|_| "AUTH_TOKEN is not a valid header value".to_string())?;
         value.set_sensitive(true);
@@ -104,7 +128,7 @@ pub async fn run<S: FrameSink>(
         let error = match attempt {
             Ok(Ok(ws)) => {
                 let up_at = Instant::now();
-                info!(uri = %options.endpoint.redacted_uri(), "websocket connected");
+                info!(uri = %options.shown_uri, "websocket connected");
                 if std::mem::replace(&mut ever_connected, true) {
                     sink.reconnected();
                 }
@@ -146,7 +170,7 @@ pub async fn run<S: FrameSink>(
             }
         }
         let delay = backoff.next();
-        warn!(uri = %options.endpoint.redacted_uri(), %error, ?delay, "websocket disconnected; will reconnect");
+        warn!(uri = %options.shown_uri, %error, ?delay, "websocket disconnected; will reconnect");
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
@@ -158,7 +182,7 @@ type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(options: &ClientOptions) -> Result<Ws, String> {
-    let request = upgrade_request(&options.endpoint)?;
+    let request = upgrade_request(options)?;
     let (ws, _response) = tokio_tungstenite::connect_async_tls_with_config(
         request,
         Some(ws_config(options.max_message_bytes)),
@@ -188,16 +212,40 @@ mod tests {
         }
     }
 
+    fn options(uri: &str) -> ClientOptions {
+        ClientOptions {
+            uri: uri.into(),
+            shown_uri: "ws://127.0.0.1:1/x?<redacted>".into(),
+            token: Some(Token::new("t0k")),
+            headers: [("x-one".to_string(), "s3cret-header".to_string())].into(),
+            connect_timeout: Duration::from_secs(1),
+            reconnect_min: Duration::from_millis(1),
+            reconnect_max: Duration::from_millis(2),
+            max_message_bytes: 1024,
+            keepalive: Keepalive::default(),
+        }
+    }
+
     #[test]
     fn upgrade_request_carries_headers_and_token() {
-        let endpoint = Endpoint {
-            uri: "ws://127.0.0.1:1/x".into(),
-            auth_token: Some(crate::config::Secret::new("t0k")),
-            headers: [("x-one".to_string(), "1".to_string())].into(),
-        };
-        let req = upgrade_request(&endpoint).expect("request");
+        let req = upgrade_request(&options("ws://127.0.0.1:1/x")).expect("request");
         assert_eq!(req.headers()["authorization"], "Bearer t0k");
         assert!(req.headers()["authorization"].is_sensitive());
-        assert_eq!(req.headers()["x-one"], "1");
+        assert_eq!(req.headers()["x-one"], "s3cret-header");
+    }
+
+    #[test]
+    fn options_show_no_credentials() {
+        let options = options("ws://127.0.0.1:1/x?access_token=qu3ry");
+        let shown = format!("{options:?}");
+        for secret in ["t0k", "s3cret", "qu3ry"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        let e = upgrade_request(&ClientOptions {
+            uri: "ws://h/?access_token=qu3ry bad".into(),
+            ..options
+        })
+        .expect_err("bad URI");
+        assert!(!e.contains("qu3ry"), "{e}");
     }
 }

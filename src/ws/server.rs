@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -42,7 +42,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument as _};
 
 use super::socket::{self, Closed, End, FrameSink, Keepalive, Outbound};
-use crate::config::{Secret, ServerSettings};
+use super::Token;
 
 /// The query parameter a browser uses to present the token (browsers cannot set headers).
 pub const TOKEN_QUERY_PARAM: &str = "access_token";
@@ -50,8 +50,26 @@ pub const TOKEN_QUERY_PARAM: &str = "access_token";
 /// What the listener needs besides the socket.
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
-    pub settings: ServerSettings,
-    pub token: Option<Secret>,
+    pub listen_address: SocketAddr,
+    /// The request path clients must use.
+    pub path: String,
+    /// The token clients must present; `None` admits clients without one.
+    pub token: Option<Token>,
+    /// Allowed `Origin` values; `None` allows any.
+    pub allowed_origins: Option<Vec<String>>,
+    pub max_connections: usize,
+    /// Subprotocols the server accepts, in order of preference.
+    pub subprotocols: Vec<String>,
+    /// PEM certificate chain and private key for `wss://`.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Request headers (lower-case names) handed on in [`PeerInfo`].
+    pub session_headers: Vec<String>,
+    /// One deadline for a client's TLS handshake and HTTP upgrade together, from TCP accept.
+    pub handshake_timeout: Duration,
+    /// Connections accepted but not yet admitted; when full, the oldest one is dropped.
+    pub max_pending_handshakes: usize,
+    /// Pending handshakes from one remote IP; a connection beyond it is closed at once.
+    pub max_handshakes_per_address: usize,
     pub max_message_bytes: usize,
     pub keepalive: Keepalive,
 }
@@ -117,11 +135,11 @@ pub struct Server {
 impl Server {
     /// Binds the address and loads TLS material; fails clearly (address in use, bad files).
     pub async fn bind(options: ServerOptions) -> Result<Self, String> {
-        let tls = match &options.settings.tls {
+        let tls = match &options.tls {
             Some((cert, key)) => Some(load_tls(cert, key)?),
             None => None,
         };
-        let address = options.settings.listen_address;
+        let address = options.listen_address;
         let listener = TcpListener::bind(address)
             .await
             .map_err(|e| format!("cannot listen on {address}: {e}"))?;
@@ -141,12 +159,12 @@ impl Server {
     pub async fn run<A: Accept>(self, acceptor: Arc<A>, cancel: CancellationToken) {
         let tracker = TaskTracker::new();
         let active = Arc::new(AtomicUsize::new(0));
-        let settings = &self.options.settings;
+        let options = &self.options;
         let admission = Arc::new(Admission::new(
-            settings.max_pending_handshakes,
-            settings.max_handshakes_per_address,
+            options.max_pending_handshakes,
+            options.max_handshakes_per_address,
         ));
-        info!(address = ?self.local_addr(), path = %self.options.settings.path, "listening");
+        info!(address = ?self.local_addr(), path = %self.options.path, "listening");
         // Reports the end of a burst of dropped handshakes (see `Admission::flush`).
         let mut report = tokio::time::interval(DROP_WARN_INTERVAL);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -167,7 +185,7 @@ impl Server {
                 },
             };
             // The deadline starts at accept and covers TLS and the upgrade together.
-            let deadline = Instant::now() + settings.handshake_timeout;
+            let deadline = Instant::now() + options.handshake_timeout;
             let token = cancel.child_token();
             let Some(ticket) = admission.enter(addr, token.clone()) else {
                 // Over the per-address cap: closed at once, before any byte is read.
@@ -575,9 +593,8 @@ fn admit(
     options: &ServerOptions,
     active: &Arc<AtomicUsize>,
 ) -> Result<(PeerInfo, Slot, Response), ErrorResponse> {
-    let settings = &options.settings;
     let uri = request.uri();
-    if uri.path() != settings.path {
+    if uri.path() != options.path {
         return Err(refuse(
             StatusCode::NOT_FOUND,
             "no WebSocket endpoint at this path",
@@ -600,7 +617,7 @@ fn admit(
             return Err(refuse(StatusCode::UNAUTHORIZED, "missing or wrong token"));
         }
     }
-    if let Some(allowed) = &settings.allowed_origins {
+    if let Some(allowed) = &options.allowed_origins {
         let origin = request
             .headers()
             .get(header::ORIGIN)
@@ -610,7 +627,7 @@ fn admit(
             return Err(refuse(StatusCode::FORBIDDEN, "origin not allowed"));
         }
     }
-    let subprotocol = if settings.subprotocols.is_empty() {
+    let subprotocol = if options.subprotocols.is_empty() {
         None
     } else {
         let offered: Vec<&str> = request
@@ -621,7 +638,7 @@ fn admit(
             .flat_map(|v| v.split(','))
             .map(str::trim)
             .collect();
-        let chosen = settings
+        let chosen = options
             .subprotocols
             .iter()
             .find(|ours| offered.contains(&ours.as_str()))
@@ -646,13 +663,13 @@ fn admit(
     };
     let previous = active.fetch_add(1, Ordering::AcqRel);
     let slot = Slot(Arc::clone(active));
-    if previous >= settings.max_connections {
+    if previous >= options.max_connections {
         return Err(refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             "too many connections",
         ));
     }
-    let headers = settings
+    let headers = options
         .session_headers
         .iter()
         .filter_map(|name| {
@@ -698,20 +715,17 @@ mod tests {
 
     fn options() -> ServerOptions {
         ServerOptions {
-            settings: ServerSettings {
-                listen_address: "127.0.0.1:0".parse().expect("addr"),
-                path: "/ws".into(),
-                allowed_origins: Some(vec!["https://ok.example".into()]),
-                max_connections: 1,
-                subprotocols: vec!["v2".into(), "v1".into()],
-                tls: None,
-                lifecycle_events: false,
-                session_headers: vec!["user-agent".into()],
-                handshake_timeout: Duration::from_secs(1),
-                max_pending_handshakes: 4,
-                max_handshakes_per_address: 2,
-            },
-            token: Some(Secret::new("t0k")),
+            listen_address: "127.0.0.1:0".parse().expect("addr"),
+            path: "/ws".into(),
+            token: Some(Token::new("t0k")),
+            allowed_origins: Some(vec!["https://ok.example".into()]),
+            max_connections: 1,
+            subprotocols: vec!["v2".into(), "v1".into()],
+            tls: None,
+            session_headers: vec!["user-agent".into()],
+            handshake_timeout: Duration::from_secs(1),
+            max_pending_handshakes: 4,
+            max_handshakes_per_address: 2,
             max_message_bytes: 1024,
             keepalive: Keepalive::default(),
         }
@@ -932,50 +946,6 @@ mod tests {
             std::time::Instant::now().checked_sub(DROP_WARN_INTERVAL);
         admission.flush();
         assert_eq!(lock(&admission.dropped).evicted, 0);
-    }
-
-    #[test]
-    fn handshake_keys_have_defaults_and_ranges() {
-        use crate::config::{ProviderDefaults, DEFAULT_MAX_CONNECTIONS};
-        let parse = |extra: &[(&str, &str)]| {
-            let map: std::collections::HashMap<String, String> =
-                [("MODE", "server"), ("LISTEN_ADDRESS", "127.0.0.1:1")]
-                    .iter()
-                    .chain(extra)
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect();
-            ProviderDefaults::default().link_settings(&map, &Default::default())
-        };
-        let s = parse(&[]).expect("defaults").server.expect("server");
-        assert_eq!(s.handshake_timeout, Duration::from_secs(10));
-        assert_eq!(s.max_pending_handshakes, 256);
-        assert_eq!(s.max_handshakes_per_address, 16);
-        assert_eq!(s.max_connections, DEFAULT_MAX_CONNECTIONS);
-        let s = parse(&[
-            ("handshake_timeout_sec", "300"),
-            ("max_pending_handshakes", "65536"),
-            ("max_handshakes_per_address", "1"),
-        ])
-        .expect("in range")
-        .server
-        .expect("server");
-        assert_eq!(s.handshake_timeout, Duration::from_secs(300));
-        assert_eq!(
-            (s.max_pending_handshakes, s.max_handshakes_per_address),
-            (65_536, 1)
-        );
-        for (key, bad) in [
-            ("HANDSHAKE_TIMEOUT_SEC", "0"),
-            ("HANDSHAKE_TIMEOUT_SEC", "301"),
-            ("HANDSHAKE_TIMEOUT_SEC", "18446744073709551616"),
-            ("MAX_PENDING_HANDSHAKES", "0"),
-            ("MAX_PENDING_HANDSHAKES", "65537"),
-            ("MAX_HANDSHAKES_PER_ADDRESS", "-1"),
-            ("MAX_HANDSHAKES_PER_ADDRESS", "many"),
-        ] {
-            let e = parse(&[(key, bad)]).expect_err(bad);
-            assert_eq!(e.key, key, "{e}");
-        }
     }
 
     #[test]

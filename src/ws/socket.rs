@@ -46,7 +46,16 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-pub use crate::config::Keepalive;
+/// Keepalive settings of one socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Send a ping this often; `None` sends none.
+    pub ping_interval: Option<Duration>,
+    /// A peer silent for `ping_interval + pong_timeout` (no pong, no frame) is dead.
+    pub pong_timeout: Duration,
+    /// Close (1001) a socket that carried no data frame for this long; `None` never does.
+    pub idle_timeout: Option<Duration>,
+}
 
 /// How many ready frames the writer feeds before it flushes.
 const WRITE_BATCH: usize = 64;
