@@ -31,7 +31,9 @@ use wasmcloud_provider_sdk::Context;
 use wrpc_transport_nats::{invocation_subject, result_subject};
 
 use super::client::headers_len;
-use super::{Confirm, Deadline, Incoming, Mux, Served, Writer};
+use super::mux::{Mux, Served};
+use super::writer::Confirm;
+use super::{Deadline, Incoming, Writer};
 use crate::task::OwnedTask;
 
 /// Serves functions of the provider under `<lattice>.<provider id>`, as one of a queue group
@@ -142,14 +144,12 @@ async fn accept(mux: Arc<Mux>, resender: Arc<Resender>, call: Message) -> anyhow
         Subject::from(result_subject(&reply)),
         BytesMut::new(),
     );
-    results.confirm = Some(Box::new(Confirm {
+    results.confirm = Some(Box::new(Confirm::new(
         served,
-        ended: ended.fuse(),
-        deadline: Deadline::at(deadline),
-        sent: Vec::new(),
-        replayed: 0,
-        _call: Arc::clone(&registration),
-    }));
+        ended,
+        Deadline::at(deadline),
+        Arc::clone(&registration),
+    )));
     let params = Incoming {
         buffer: call.payload,
         parts: VecDeque::new(),
