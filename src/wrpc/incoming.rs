@@ -20,7 +20,7 @@ use super::Deadline;
 pub struct Incoming {
     pub(super) buffer: Bytes,
     /// Server side: parts of a call's parameters already read from `stream` by the server
-    /// (see [`super::server`]), read after `buffer`.
+    /// (see [`super::gather`]), read after `buffer`.
     pub(super) parts: VecDeque<Bytes>,
     /// The end of the stream has been read from `stream` (into `parts`): nothing follows.
     pub(super) ended: bool,
@@ -29,7 +29,7 @@ pub struct Incoming {
     /// made only if the stream has to be waited for).
     pub(super) deadline: Option<Deadline>,
     /// Server side: the share of the gathering budget that `parts` hold (see
-    /// [`super::server`]).
+    /// [`super::gather`]).
     pub(super) room: Option<tokio::sync::SemaphorePermit<'static>>,
     pub(super) _call: Arc<Registration>,
 }

@@ -33,12 +33,16 @@
 //! - [`mux`]: the reply inbox of a connection, its open calls and the demux task;
 //! - [`incoming`] and [`writer`]: a call's incoming and outgoing byte streams;
 //! - [`deadline`]: the point in time a served call's streams wait against;
-//! - [`client`] and [`server`]: the two sides, built on these.
+//! - [`client`] and [`server`]: the two sides, built on these; the server's accept re-sending
+//!   is [`resend`], its gathering of parameters that follow the accept (and their limits)
+//!   [`gather`].
 
 mod client;
 mod deadline;
+mod gather;
 mod incoming;
 mod mux;
+mod resend;
 mod server;
 mod writer;
 
