@@ -15,7 +15,8 @@ use tokio::io::AsyncWrite;
 use tokio::sync::oneshot;
 use wrpc_transport_nats::{invocation_subject, param_subject};
 
-use super::{Incoming, Mux, Registration, Writer};
+use super::mux::{Mux, Registration};
+use super::{Incoming, Writer};
 
 /// One reply inbox for all calls into components, on one NATS connection.
 #[derive(Clone)]
