@@ -110,25 +110,19 @@ impl Drop for ClientSocket {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
 
     use super::*;
-    use crate::config::ProviderDefaults;
 
     #[test]
     fn the_socket_takes_the_client_settings_without_showing_credentials() {
-        let config: HashMap<String, String> = [
-            ("URI", "wss://u:pw0rd@example.com/x?k=qu3ry"),
-            ("HEADER_X-One", "1"),
-            ("CONNECT_TIMEOUT_SEC", "3"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let secrets = [("AUTH_TOKEN".to_string(), "t0k".to_string())].into();
-        let settings = ProviderDefaults::default()
-            .link_settings(&config, &secrets)
-            .expect("parse");
+        let settings = super::super::tests::settings(
+            &[
+                ("URI", "wss://u:pw0rd@example.com/x?k=qu3ry"),
+                ("HEADER_X-One", "1"),
+                ("CONNECT_TIMEOUT_SEC", "3"),
+            ],
+            "t0k",
+        );
         let client = settings.client().expect("client mode");
         let options = client_options(&settings, client);
         assert_eq!(options.uri, client.endpoint.uri);

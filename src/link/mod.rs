@@ -78,3 +78,22 @@ impl From<config::Keepalive> for Keepalive {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use crate::config::{LinkSettings, ProviderDefaults};
+
+    /// The settings of a link with config `pairs` and the secret `AUTH_TOKEN` = `token`.
+    pub(super) fn settings(pairs: &[(&str, &str)], token: &str) -> LinkSettings {
+        let config: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let secrets = [("AUTH_TOKEN".to_string(), token.to_string())].into();
+        ProviderDefaults::default()
+            .link_settings(&config, &secrets)
+            .expect("parse")
+    }
+}

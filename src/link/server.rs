@@ -220,26 +220,20 @@ impl Accept for Acceptor {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
 
     use super::*;
-    use crate::config::ProviderDefaults;
 
     #[test]
     fn the_listener_takes_the_server_settings_and_their_own_token() {
-        let config: HashMap<String, String> = [
-            ("MODE", "server"),
-            ("LISTEN_ADDRESS", "127.0.0.1:9"),
-            ("PATH", "/ws"),
-            ("PING_INTERVAL_SEC", "0"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let secrets = [("AUTH_TOKEN".to_string(), "t0k".to_string())].into();
-        let settings = ProviderDefaults::default()
-            .link_settings(&config, &secrets)
-            .expect("parse");
+        let settings = super::super::tests::settings(
+            &[
+                ("MODE", "server"),
+                ("LISTEN_ADDRESS", "127.0.0.1:9"),
+                ("PATH", "/ws"),
+                ("PING_INTERVAL_SEC", "0"),
+            ],
+            "t0k",
+        );
         let server = settings.server().expect("server mode");
         let options = server_options(&settings, server);
         assert_eq!(options.token.as_ref().map(|t| t.expose()), Some("t0k"));
