@@ -22,7 +22,23 @@ use wasmcloud_provider_sdk::wasmcloud_tracing::{
     global, Counter, Histogram, KeyValue, Meter, ObservableGauge, UpDownCounter,
 };
 
-use crate::session::Mode;
+/// Whether a session's socket was opened by the provider (client mode) or accepted by one of
+/// its listeners (server mode).
+/// (Kept here, a leaf, so that every layer can name it; `session` re-exports it.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    Client,
+    Server,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Client => "client",
+            Mode::Server => "server",
+        }
+    }
+}
 
 /// How a `handle-message` call ended (the `outcome` attribute).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::codec::Codec;
 use crate::config::{Format, FrameType};
+pub use crate::metrics::Mode;
 use crate::ws::socket::{ConnState, Outbound};
 
 pub use outbox::Outbox;
@@ -48,23 +49,6 @@ pub fn parse_session_subject(subject: &str) -> Option<SessionSubject<'_>> {
         t => Some(t.strip_prefix('.').filter(|t| !t.is_empty())?),
     };
     Some(SessionSubject { id, peer_subject })
-}
-
-/// Whether a session's socket was opened by the provider (client mode) or accepted by one of
-/// its listeners (server mode).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Mode {
-    Client,
-    Server,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Client => "client",
-            Mode::Server => "server",
-        }
-    }
 }
 
 /// A handler link that receives a session's inbound frames.
