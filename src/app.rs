@@ -110,16 +110,7 @@ pub async fn run(threads: usize, warnings: Vec<String>) -> anyhow::Result<()> {
         .await
         .context("failed to run provider")?;
     let connection = get_connection();
-    if let Err(error) = provider
-        .watch_link_deletes(
-            (*connection.nats).clone(),
-            &connection.lattice,
-            connection.provider_key(),
-        )
-        .await
-    {
-        tracing::warn!(error = %format!("{error:#}"), "cannot follow link deletes; a consumer and a sessions link of the same name may be confused");
-    }
+    follow_link_deletes(&provider, connection).await;
     // The exports are served on the SDK's lattice connection by our own server (`wrpc`), which
     // cannot lose a caller's parameters the way wrpc-transport-nats 0.29 can.
     let server = wrpc::ExportServer::new(
@@ -148,6 +139,24 @@ pub async fn run(threads: usize, warnings: Vec<String>) -> anyhow::Result<()> {
     }
     let _ = tokio::time::timeout(SHUTDOWN_FLUSH, connection.nats.flush()).await;
     Ok(())
+}
+
+/// Starts following the host's link-delete messages (see `provider::deletes`); without them
+/// the provider still runs, and says what it cannot tell apart.
+async fn follow_link_deletes(
+    provider: &WsProvider,
+    connection: &wasmcloud_provider_sdk::ProviderConnection,
+) {
+    if let Err(error) = provider
+        .watch_link_deletes(
+            (*connection.nats).clone(),
+            &connection.lattice,
+            connection.provider_key(),
+        )
+        .await
+    {
+        tracing::warn!(error = %format!("{error:#}"), "cannot follow link deletes; a consumer and a sessions link of the same name may be confused");
+    }
 }
 
 /// How long the last flush of the lattice connection may take at shutdown.
