@@ -8,32 +8,13 @@
 //! answered (tungstenite queues the reply, flushed within [`CLOSE_GRACE`]) before the socket is
 //! dropped. Nothing here knows about wasmCloud.
 //!
-//! Liveness. Three concurrent parts of [`serve`] share the `Liveness` atomics:
-//! - the reader records when the peer was last heard (any frame, pongs included) and when a data
-//!   frame last came in;
-//! - the writer sends a ping every `PING_INTERVAL` when it can, and records when a data frame
-//!   last went out; each of its write steps (ping, feed, flush) is bounded by ping interval +
-//!   pong timeout when pings are on: a step that long without completing means the peer is not
-//!   reading, and the socket ends;
-//! - a watchdog (its own branch of `serve`'s select, so it fires while a write is blocked)
-//!   ends the socket when the peer was silent for ping interval + pong timeout (dead, 1006), or
-//!   no data frame went either way for the idle timeout (1001).
-//!
-//! Blame. While the reader waits for the sink, the socket is not read, so the peer's pongs and
-//! frames wait in TCP: that silence is the component's doing, not the peer's. The watchdog
-//! suspends both checks while the reader waits in [`FrameSink::frame`], and when the call
-//! returns the peer counts as just seen (and the socket as just active). Reading stays paused:
-//! only the blame changes.
-//!
-//! Oversize frames. tungstenite refuses a frame that does not fit its write buffer
-//! (`max_write_buffer_size`, see [`ws_config`]). A frame larger than the whole buffer fails
-//! alone: its acknowledgement gets an error naming both sizes, the socket stays up and the
-//! frames after it are written. A frame that only did not fit behind buffered data is tried once
-//! more after a flush.
+//! [`serve`] runs three parts side by side and ends the socket with the close frame its end
+//! calls for: the reader (`reader`: inbound frames to the sink), the writer (`writer`: the
+//! outbound queue, batching, acknowledgements, oversize frames) and the watchdog (`liveness`:
+//! pings, dead and idle peers, and who is to blame for a silence).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
@@ -46,6 +27,14 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+mod liveness;
+mod reader;
+mod writer;
+
+use liveness::{watchdog, Liveness};
+use reader::read_loop;
+use writer::write_loop;
+
 /// Keepalive settings of one socket.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Keepalive {
@@ -57,8 +46,6 @@ pub struct Keepalive {
     pub idle_timeout: Option<Duration>,
 }
 
-/// How many ready frames the writer feeds before it flushes.
-const WRITE_BATCH: usize = 64;
 /// How long a close handshake may take.
 pub const CLOSE_GRACE: Duration = Duration::from_millis(200);
 
@@ -129,55 +116,6 @@ impl Closed {
     }
 }
 
-/// When the socket last heard anything, and last carried data (either way), in ms since it
-/// opened; and whether the reader is waiting for the sink, when the peer is not to blame.
-struct Liveness {
-    opened: Instant,
-    last_seen: AtomicU64,
-    last_data: AtomicU64,
-    delivering: AtomicBool,
-}
-
-impl Liveness {
-    fn new() -> Self {
-        Self {
-            opened: Instant::now(),
-            last_seen: AtomicU64::new(0),
-            last_data: AtomicU64::new(0),
-            delivering: AtomicBool::new(false),
-        }
-    }
-    fn now(&self) -> u64 {
-        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-    fn seen(&self, data: bool) {
-        let now = self.now();
-        self.last_seen.store(now, Ordering::SeqCst);
-        if data {
-            self.last_data.store(now, Ordering::SeqCst);
-        }
-    }
-    /// A data frame was written to the peer.
-    fn wrote_data(&self) {
-        self.last_data.store(self.now(), Ordering::SeqCst);
-    }
-    fn silent_for(&self, last: &AtomicU64) -> Duration {
-        Duration::from_millis(self.now().saturating_sub(last.load(Ordering::SeqCst)))
-    }
-    /// Runs the sink's `frame` with the peer out of blame: while the reader waits here the
-    /// socket is not read, so pongs and frames queue up in TCP through no fault of the peer.
-    /// When it returns the peer counts as just seen (it was: its frame is what we delivered).
-    async fn delivering<F: Future<Output = ()>>(&self, frame: F) {
-        self.delivering.store(true, Ordering::SeqCst);
-        frame.await;
-        self.seen(true);
-        self.delivering.store(false, Ordering::SeqCst);
-    }
-    fn is_delivering(&self) -> bool {
-        self.delivering.load(Ordering::SeqCst)
-    }
-}
-
 /// Tells the sink the socket is done, on every way out of [`serve`].
 struct OpenGuard<'a, S: FrameSink>(&'a S);
 
@@ -213,48 +151,7 @@ where
     let _open = OpenGuard(sink);
     let liveness = Liveness::new();
     // Ends with how the socket ended, and whether the peer sent a close frame (to be answered).
-    let read = async {
-        while let Some(next) = reader.next().await {
-            liveness.seen(matches!(next, Ok(Message::Text(_) | Message::Binary(_))));
-            match next {
-                Ok(Message::Text(text)) => {
-                    liveness
-                        .delivering(sink.frame(Bytes::from(text), true))
-                        .await;
-                }
-                Ok(Message::Binary(data)) => liveness.delivering(sink.frame(data, false)).await,
-                Ok(Message::Close(frame)) => {
-                    let closed = match frame {
-                        Some(f) => Closed {
-                            code: u16::from(f.code),
-                            reason: format!(
-                                "peer closed with code {} {:?}",
-                                u16::from(f.code),
-                                f.reason.as_str()
-                            ),
-                        },
-                        None => Closed {
-                            code: 1005,
-                            reason: "peer closed".to_string(),
-                        },
-                    };
-                    return (closed, true);
-                }
-                Ok(_) => {}
-                Err(tokio_tungstenite::tungstenite::Error::Capacity(e)) => {
-                    return (
-                        Closed {
-                            code: 1009,
-                            reason: format!("message too big: {e}"),
-                        },
-                        false,
-                    )
-                }
-                Err(e) => return (Closed::abnormal(format!("read failed: {e}")), false),
-            }
-        }
-        (Closed::abnormal("connection closed".to_string()), false)
-    };
+    let read = read_loop(&mut reader, sink, &liveness);
     let write = write_loop(
         &mut writer,
         outbound,
@@ -273,11 +170,21 @@ where
         reason = write => Some((reason, false)),
         reason = watchdog(keepalive, &liveness) => Some((reason, false)),
     };
+    close(&mut writer, result, cancel_code).await
+}
+
+/// Ends the socket as [`serve`]'s select ended (`None`: cancelled; `true`: the peer sent a close
+/// frame), each close step within [`CLOSE_GRACE`]: answers the peer's close, tells the peer why
+/// on an oversize message (1009) or an idle socket (1001), or sends the owner's close frame.
+async fn close<W>(writer: &mut W, result: Option<(Closed, bool)>, cancel_code: CloseCode) -> End
+where
+    W: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
     match result {
         Some((closed, true)) => {
             // tungstenite queued the reply to the peer's close; write it out (with anything
             // still buffered) before the socket is dropped, so the peer sees a clean close.
-            // A write cut short above may leave a frame in the split sink's slot, whose flush
+            // A write cut short by the select may leave a frame in the split sink's slot, whose flush
             // then fails once; the second flush sends the reply.
             let reply = async {
                 for _ in 0..2 {
@@ -322,259 +229,12 @@ where
     }
 }
 
-/// How long the peer may stay silent (no pong, no frame) before it counts as dead, and how long
-/// one write may make no progress: ping interval + pong timeout, when pings are on.
-fn dead_after(keepalive: Keepalive) -> Option<Duration> {
-    keepalive
-        .ping_interval
-        .map(|interval| interval.saturating_add(keepalive.pong_timeout))
-}
-
-/// A tokio interval that first fires after `every`, and after a late tick waits a full `every`
-/// again; `None` when `every` is too far off to schedule.
-fn ticker(every: Duration) -> Option<tokio::time::Interval> {
-    let start = tokio::time::Instant::now().checked_add(every)?;
-    let mut ticker = tokio::time::interval_at(start, every);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    Some(ticker)
-}
-
-/// Ends the socket when the peer is dead (silent for ping interval + pong timeout) or idle (no
-/// data frame either way for the idle timeout). It only reads the [`Liveness`] atomics, so it
-/// fires while a write is blocked; while the reader waits for the sink it blames nobody.
-async fn watchdog(keepalive: Keepalive, liveness: &Liveness) -> Closed {
-    let dead_after = dead_after(keepalive);
-    let every = [keepalive.ping_interval, keepalive.idle_timeout]
-        .into_iter()
-        .flatten()
-        .min()
-        .map(|d| d.clamp(Duration::from_millis(50), Duration::from_secs(1)));
-    let Some(mut ticker) = every.and_then(ticker) else {
-        return std::future::pending().await;
-    };
-    loop {
-        ticker.tick().await;
-        if liveness.is_delivering() {
-            continue;
-        }
-        if let Some(dead_after) = dead_after {
-            if liveness.silent_for(&liveness.last_seen) > dead_after {
-                return Closed::abnormal(format!(
-                    "peer did not answer pings for {} s",
-                    dead_after.as_secs()
-                ));
-            }
-        }
-        if let Some(idle) = keepalive.idle_timeout {
-            if liveness.silent_for(&liveness.last_data) > idle {
-                return Closed {
-                    code: 1001,
-                    reason: format!("idle for {} s", idle.as_secs()),
-                };
-            }
-        }
-    }
-}
-
-/// Why one frame was not written.
-enum WriteError {
-    /// The socket is unusable (write failed, or made no progress in time).
-    Socket(String),
-    /// Only this frame: it does not fit the write buffer.
-    Frame(String),
-}
-
-/// Runs one write step, bounded by `bound` when there is one.
-async fn bounded<F>(bound: Option<Duration>, what: &str, step: F) -> Result<(), WriteError>
-where
-    F: Future<Output = Result<(), tokio_tungstenite::tungstenite::Error>>,
-{
-    let result = match bound {
-        Some(bound) => match tokio::time::timeout(bound, step).await {
-            Ok(result) => result,
-            Err(_) => {
-                return Err(WriteError::Socket(format!(
-                    "{what} made no progress for {} s: the peer is not reading",
-                    bound.as_secs()
-                )))
-            }
-        },
-        None => step.await,
-    };
-    result.map_err(|e| match e {
-        tokio_tungstenite::tungstenite::Error::WriteBufferFull(_) => {
-            WriteError::Frame("write buffer full".to_string())
-        }
-        e => WriteError::Socket(format!("{what} failed: {e}")),
-    })
-}
-
-/// Hands one frame to tungstenite's write buffer. A split sink only stores the frame in its
-/// slot on `feed`; `poll_ready` passes it on, which is where tungstenite refuses a frame that
-/// does not fit (`WriteBufferFull`): so the error is this frame's, not the next one's.
-async fn push<W>(
-    writer: &mut W,
-    message: Message,
-    bound: Option<Duration>,
-) -> Result<(), WriteError>
-where
-    W: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
-{
-    bounded(bound, "write", async {
-        writer.feed(message).await?;
-        futures::future::poll_fn(|cx| writer.poll_ready_unpin(cx)).await
-    })
-    .await
-}
-
-/// Feeds one frame. tungstenite refuses a frame when it and what is buffered exceed
-/// `max_write_buffer`: then the buffer is written out and the frame tried once more; a frame
-/// that does not fit an empty buffer fails alone (`WriteError::Frame`), the socket stays.
-async fn feed_one<W>(
-    writer: &mut W,
-    message: Message,
-    bound: Option<Duration>,
-    max_write_buffer: usize,
-) -> Result<(), WriteError>
-where
-    W: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
-{
-    let len = message.len();
-    let too_big = || {
-        WriteError::Frame(format!(
-            "a frame of {len} bytes does not fit the socket's write buffer of \
-             {max_write_buffer} bytes (the larger of 4 x MAX_MESSAGE_BYTES and 1 MiB); not sent"
-        ))
-    };
-    if len > max_write_buffer {
-        return Err(too_big());
-    }
-    let retry = message.clone();
-    match push(writer, message, bound).await {
-        Err(WriteError::Frame(_)) => {}
-        done => return done,
-    }
-    bounded(bound, "flush", writer.flush()).await?;
-    match push(writer, retry, bound).await {
-        Err(WriteError::Frame(_)) => Err(too_big()),
-        done => done,
-    }
-}
-
-/// Writes queued frames: feeds every frame that is ready, flushes once, then acknowledges each
-/// frame (with its own error if it alone failed, or the socket's). Every write step (ping,
-/// feed, flush) is bounded by ping interval + pong timeout when pings are on: a step that takes
-/// longer means the peer is not reading, and the socket ends.
-/// After a close frame (a component closing the session) it gives the peer `CLOSE_GRACE` to
-/// answer, then ends, so a peer that never answers cannot hold the connection open.
-/// Between writes it sends keepalive pings; the [`watchdog`] decides when the peer is dead.
-async fn write_loop<W, S>(
-    writer: &mut W,
-    outbound: &mut mpsc::Receiver<Box<Outbound>>,
-    keepalive: Keepalive,
-    liveness: &Liveness,
-    sink: &S,
-    max_write_buffer: usize,
-) -> Closed
-where
-    W: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
-    S: FrameSink,
-{
-    let bound = dead_after(keepalive);
-    // Each frame's acknowledgement, with the frame's own error if it alone failed.
-    let mut acks: Vec<(Option<Ack>, Option<String>)> = Vec::with_capacity(WRITE_BATCH);
-    let mut pings = keepalive.ping_interval.and_then(ticker);
-    loop {
-        let next = match pings.as_mut() {
-            Some(pings) => tokio::select! {
-                item = outbound.recv() => Some(item),
-                _ = pings.tick() => None,
-            },
-            None => Some(outbound.recv().await),
-        };
-        let first = match next {
-            Some(Some(first)) => first,
-            Some(None) => return Closed::abnormal("send queue closed".to_string()),
-            None => {
-                let ping = bounded(bound, "ping", writer.send(Message::Ping(Bytes::new())));
-                if let Err(WriteError::Socket(e) | WriteError::Frame(e)) = ping.await {
-                    return Closed::abnormal(e);
-                }
-                continue;
-            }
-        };
-        let mut next = Some(first);
-        let mut failed = None;
-        let mut closed = None;
-        let (mut frames, mut bytes) = (0u64, 0u64);
-        while let Some(item) = next.take() {
-            let Outbound { message, ack } = *item;
-            let data = message.is_text() || message.is_binary();
-            let len = message.len() as u64;
-            if let Message::Close(frame) = &message {
-                closed = Some(frame.as_ref().map_or(1000, |f| u16::from(f.code)));
-            }
-            match feed_one(writer, message, bound, max_write_buffer).await {
-                Ok(()) => {
-                    if data {
-                        frames += 1;
-                        bytes += len;
-                    }
-                    acks.push((ack, None));
-                }
-                Err(WriteError::Frame(e)) => {
-                    debug!(error = %e, "frame not written");
-                    acks.push((ack, Some(e)));
-                }
-                Err(WriteError::Socket(e)) => {
-                    acks.push((ack, None));
-                    failed = Some(e);
-                    break;
-                }
-            }
-            if acks.len() < WRITE_BATCH && closed.is_none() {
-                next = outbound.try_recv().ok();
-            }
-        }
-        if failed.is_none() {
-            if let Err(WriteError::Socket(e) | WriteError::Frame(e)) =
-                bounded(bound, "flush", writer.flush()).await
-            {
-                failed = Some(e);
-            }
-        }
-        if failed.is_none() && frames > 0 {
-            sink.written(frames, bytes);
-            liveness.wrote_data();
-        }
-        for (ack, own) in acks.drain(..) {
-            let result = match (own, &failed) {
-                (Some(own), _) => Err(own),
-                (None, Some(failed)) => Err(failed.clone()),
-                (None, None) => Ok(()),
-            };
-            if let Some(ack) = ack {
-                let _ = ack.send(result);
-            }
-        }
-        if let Some(e) = failed {
-            return Closed::abnormal(e);
-        }
-        if let Some(code) = closed {
-            tokio::time::sleep(CLOSE_GRACE).await;
-            return Closed {
-                code,
-                reason: format!("closed by the component with code {code}"),
-            };
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     //! The socket loop against an in-memory peer (a duplex pipe with a small buffer, so a peer
     //! that does not read blocks the writer as a full TCP window would).
     use super::*;
+    use std::sync::atomic::Ordering;
     use tokio_tungstenite::tungstenite::protocol::Role;
 
     /// Delivers nothing anywhere; each frame takes `delay`.
@@ -784,5 +444,4 @@ mod tests {
 }
 
 #[cfg(test)]
-#[path = "socket_tests.rs"]
 mod duplex_tests;

@@ -26,7 +26,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{serve, ws_config, Closed, End, FrameSink, Keepalive, Outbound, WRITE_BATCH};
+use super::writer::WRITE_BATCH;
+use super::{serve, ws_config, Closed, End, FrameSink, Keepalive, Outbound};
 
 /// The loop's MAX_MESSAGE_BYTES. Its write buffer is then 1 MiB (the floor of `ws_config`).
 const MAX_MESSAGE_BYTES: usize = 1024;
