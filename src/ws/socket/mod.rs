@@ -265,26 +265,18 @@ mod tests {
         let (ours, theirs) = tokio::io::duplex(4096);
         let ws = WebSocketStream::from_raw_socket(ours, Role::Server, Some(ws_config(1024))).await;
         let peer = WebSocketStream::from_raw_socket(theirs, Role::Client, None).await;
-        let (queue, mut outbound) = mpsc::channel(64);
-        let cancel = CancellationToken::new();
+        let (queue, outbound) = mpsc::channel(64);
         let sink = std::sync::Arc::new(SlowSink {
             delay,
             frames: Default::default(),
         });
-        let ended = tokio::spawn({
-            let (cancel, sink) = (cancel.clone(), sink.clone());
-            async move {
-                serve(
-                    ws,
-                    sink.as_ref(),
-                    &mut outbound,
-                    &cancel,
-                    CloseCode::Normal,
-                    keepalive,
-                )
-                .await
-            }
-        });
+        let (cancel, ended) = super::duplex_tests::spawn_serve(
+            ws,
+            sink.clone(),
+            outbound,
+            CloseCode::Normal,
+            keepalive,
+        );
         Running {
             peer,
             queue,
