@@ -4,7 +4,8 @@
 //! concurrently until the socket drops, and reconnects with exponential backoff and full jitter.
 //! The open socket is served by [`serve`]: frames go to a [`FrameSink`] in order, and reading
 //! waits while the sink does, so a slow component slows the socket instead of growing a queue
-//! (without the server being taken for dead meanwhile: see the blame rules in [`super::socket`]).
+//! (without the server being taken for dead meanwhile: see the blame rules of the socket's
+//! `liveness` module).
 //! A server that stops answering pings, or stops taking writes, for ping interval + pong timeout
 //! is dropped and connected again, even while a write to it is blocked.
 //! Cancelling the token sends a close frame and ends the task.
@@ -123,18 +124,12 @@ pub async fn run<S: FrameSink>(
         state.send_replace(ConnState::Connecting);
         let attempt = tokio::select! {
             () = cancel.cancelled() => return,
-            r = tokio::time::timeout(options.connect_timeout, connect(&options)) => r,
+            r = connect(&options) => r,
         };
         let error = match attempt {
-            Ok(Ok(ws)) => {
+            Ok(ws) => {
                 let up_at = Instant::now();
-                info!(uri = %options.shown_uri, "websocket connected");
-                if std::mem::replace(&mut ever_connected, true) {
-                    sink.reconnected();
-                }
-                state.send_replace(ConnState::Connected {
-                    since: SystemTime::now(),
-                });
+                connected(&options, sink.as_ref(), &state, &mut ever_connected);
                 match serve(
                     ws,
                     sink.as_ref(),
@@ -154,21 +149,9 @@ pub async fn run<S: FrameSink>(
                     }
                 }
             }
-            Ok(Err(e)) => e,
-            Err(_) => format!(
-                "connect timed out after {} s",
-                options.connect_timeout.as_secs()
-            ),
+            Err(e) => e,
         };
-        state.send_replace(ConnState::Disconnected {
-            error: error.clone(),
-        });
-        // Frames queued for the dead socket are reported, not silently kept or lost.
-        while let Ok(pending) = outbound.try_recv() {
-            if let Some(ack) = pending.ack {
-                let _ = ack.send(Err(format!("connection lost: {error}")));
-            }
-        }
+        disconnected(&state, &mut outbound, &error);
         let delay = backoff.next();
         warn!(uri = %options.shown_uri, %error, ?delay, "websocket disconnected; will reconnect");
         tokio::select! {
@@ -178,10 +161,54 @@ pub async fn run<S: FrameSink>(
     }
 }
 
+/// Reports a new connection: logged, counted as a reconnect after the first, and in the state.
+fn connected<S: FrameSink>(
+    options: &ClientOptions,
+    sink: &S,
+    state: &watch::Sender<ConnState>,
+    ever_connected: &mut bool,
+) {
+    info!(uri = %options.shown_uri, "websocket connected");
+    if std::mem::replace(ever_connected, true) {
+        sink.reconnected();
+    }
+    state.send_replace(ConnState::Connected {
+        since: SystemTime::now(),
+    });
+}
+
+/// Reports a lost (or never made) connection: the state says why, and every frame queued for
+/// the dead socket is failed with that reason, not silently kept or lost.
+fn disconnected(
+    state: &watch::Sender<ConnState>,
+    outbound: &mut mpsc::Receiver<Box<Outbound>>,
+    error: &str,
+) {
+    state.send_replace(ConnState::Disconnected {
+        error: error.to_string(),
+    });
+    while let Ok(pending) = outbound.try_recv() {
+        if let Some(ack) = pending.ack {
+            let _ = ack.send(Err(format!("connection lost: {error}")));
+        }
+    }
+}
+
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// Connects and upgrades within the connect timeout.
 async fn connect(options: &ClientOptions) -> Result<Ws, String> {
+    match tokio::time::timeout(options.connect_timeout, upgrade(options)).await {
+        Ok(upgraded) => upgraded,
+        Err(_) => Err(format!(
+            "connect timed out after {} s",
+            options.connect_timeout.as_secs()
+        )),
+    }
+}
+
+async fn upgrade(options: &ClientOptions) -> Result<Ws, String> {
     let request = upgrade_request(options)?;
     let (ws, _response) = tokio_tungstenite::connect_async_tls_with_config(
         request,

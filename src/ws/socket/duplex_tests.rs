@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, DuplexStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -26,7 +26,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{serve, ws_config, Closed, End, FrameSink, Keepalive, Outbound, WRITE_BATCH};
+use super::writer::WRITE_BATCH;
+use super::{serve, ws_config, Closed, End, FrameSink, Keepalive, Outbound};
 
 /// The loop's MAX_MESSAGE_BYTES. Its write buffer is then 1 MiB (the floor of `ws_config`).
 const MAX_MESSAGE_BYTES: usize = 1024;
@@ -137,6 +138,32 @@ impl Run {
     }
 }
 
+/// Spawns the loop over `ws` (shared with the tests in mod.rs); the token cancels it.
+pub(super) fn spawn_serve<S: FrameSink, T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    ws: WebSocketStream<T>,
+    sink: Arc<S>,
+    mut outbound: mpsc::Receiver<Box<Outbound>>,
+    cancel_code: CloseCode,
+    keepalive: Keepalive,
+) -> (CancellationToken, JoinHandle<End>) {
+    let cancel = CancellationToken::new();
+    let ended = tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            serve(
+                ws,
+                sink.as_ref(),
+                &mut outbound,
+                &cancel,
+                cancel_code,
+                keepalive,
+            )
+            .await
+        }
+    });
+    (cancel, ended)
+}
+
 /// Starts the loop on one end of a pipe and returns the other end, raw. `before` may queue
 /// frames before the loop runs, so that they are all ready at its first read of the queue.
 async fn start_raw(options: Options, before: impl FnOnce(&Queue)) -> (Run, DuplexStream) {
@@ -144,7 +171,7 @@ async fn start_raw(options: Options, before: impl FnOnce(&Queue)) -> (Run, Duple
     let ws =
         WebSocketStream::from_raw_socket(ours, options.role, Some(ws_config(MAX_MESSAGE_BYTES)))
             .await;
-    let (queue, mut outbound) = mpsc::channel(256);
+    let (queue, outbound) = mpsc::channel(256);
     before(&queue);
     let (frames_in, frames) = mpsc::unbounded_channel();
     let sink = Arc::new(Recorder {
@@ -154,21 +181,13 @@ async fn start_raw(options: Options, before: impl FnOnce(&Queue)) -> (Run, Duple
         disconnected: AtomicUsize::new(0),
         kick: CancellationToken::new(),
     });
-    let cancel = CancellationToken::new();
-    let ended = tokio::spawn({
-        let (sink, cancel) = (sink.clone(), cancel.clone());
-        async move {
-            serve(
-                ws,
-                sink.as_ref(),
-                &mut outbound,
-                &cancel,
-                options.cancel_code,
-                options.keepalive,
-            )
-            .await
-        }
-    });
+    let (cancel, ended) = spawn_serve(
+        ws,
+        sink.clone(),
+        outbound,
+        options.cancel_code,
+        options.keepalive,
+    );
     let run = Run {
         queue,
         cancel,
