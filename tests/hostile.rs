@@ -81,9 +81,12 @@ async fn frames_queued_for_a_deleted_handler_link_are_dropped() -> Result<()> {
         .await?;
     let mut peer = server.accept().await?;
     assert_eq!(peer.round_trip("ready").await?, "ready");
-    // The first call sleeps; the next frames wait in the session's queue meanwhile.
-    // Long enough for the delete to reach the provider on a busy machine before it ends.
-    peer.send_text("!sleep 5000").await?;
+    // The first call sleeps; the next frames wait in the session's queue meanwhile. The
+    // component says when it is running, so the delete cannot reach the provider before the
+    // call has started (which would drop it too); 5 s leaves a busy machine time to deliver
+    // the delete before the call ends.
+    peer.send_text("!announce-sleep 5000").await?;
+    assert_eq!(peer.recv_text().await?, "SLEEPING 5000");
     for i in 0..5 {
         peer.send_text(&format!("!plain queued {i}")).await?;
     }

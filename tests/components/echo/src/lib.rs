@@ -207,9 +207,18 @@ impl Guest for Echo {
         }
         let answer_to = msg.reply_to.clone().unwrap_or_else(|| "out".to_string());
         let answer = |body: Vec<u8>| consumer::publish(&message(&answer_to, body));
-        if let Some(rest) = msg.body.strip_prefix(b"!sleep ") {
+        // `!announce-sleep <ms>`: says "SLEEPING <ms>" at once, then sleeps like `!sleep`, so a
+        // test knows the call is running before it changes anything.
+        let (announce, sleep) = match msg.body.strip_prefix(b"!announce-sleep ") {
+            Some(rest) => (true, Some(rest)),
+            None => (false, msg.body.strip_prefix(b"!sleep ")),
+        };
+        if let Some(rest) = sleep {
             let digits: Vec<u8> = rest.iter().copied().take_while(u8::is_ascii_digit).collect();
             let ms: u64 = std::str::from_utf8(&digits).ok().and_then(|d| d.parse().ok()).unwrap_or(0);
+            if announce {
+                answer(format!("SLEEPING {ms}").into_bytes())?;
+            }
             std::thread::sleep(std::time::Duration::from_millis(ms));
             return answer(format!("SLEPT {ms}").into_bytes());
         }
