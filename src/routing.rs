@@ -40,8 +40,11 @@ pub enum Destination<'p, S> {
 ///    first link by name, when several share a subject).
 /// 3. Otherwise the consumer link's own connection, else the caller's only client connection;
 ///    none or several are an error that says what to do.
-pub fn route<'p, S>(
-    links: CallerLinks<'_, S>,
+///
+/// `links` is asked for only when the subject is not a session subject: replies to a session,
+/// the most common publish, need nothing from the link table.
+pub fn route<'l, 'p, S>(
+    links: impl FnOnce() -> CallerLinks<'l, S>,
     component: &str,
     link_name: &str,
     subject: &'p str,
@@ -52,6 +55,7 @@ pub fn route<'p, S>(
             subject: named.peer_subject.unwrap_or(subject),
         });
     }
+    let links = links();
     let server_link = links
         .server_links
         .iter()
@@ -103,7 +107,7 @@ mod tests {
         links: CallerLinks<'_, &'static str>,
         subject: &'p str,
     ) -> Result<Destination<'p, &'static str>, String> {
-        route(links, "comp", "default", subject)
+        route(|| links, "comp", "default", subject)
     }
 
     #[test]

@@ -31,25 +31,27 @@ impl WsProvider {
         let links = self.links();
         let key = (component.to_string(), link_name.to_string());
         let consumer = links.consumers.get(&key);
-        let mut connections: Vec<Arc<Session>> = links
-            .handlers
-            .iter()
-            .filter(|((c, _), _)| c == component)
-            .map(|(_, h)| Arc::clone(&h.conn.session))
-            .collect();
-        connections.sort_by_key(|s| s.id);
-        connections.dedup_by_key(|s| s.id);
-        let caller = routing::CallerLinks {
-            server_links: links
-                .servers
+        let caller = || {
+            let mut connections: Vec<Arc<Session>> = links
+                .handlers
                 .iter()
                 .filter(|((c, _), _)| c == component)
-                .map(|((_, link), server)| (link.as_str(), server.subject.as_str()))
-                .collect(),
-            consumer_connection: consumer
-                .and_then(|c| c.conn.as_ref())
-                .map(|conn| Arc::clone(&conn.session)),
-            connections,
+                .map(|(_, h)| Arc::clone(&h.conn.session))
+                .collect();
+            connections.sort_by_key(|s| s.id);
+            connections.dedup_by_key(|s| s.id);
+            routing::CallerLinks {
+                server_links: links
+                    .servers
+                    .iter()
+                    .filter(|((c, _), _)| c == component)
+                    .map(|((_, link), server)| (link.as_str(), server.subject.as_str()))
+                    .collect(),
+                consumer_connection: consumer
+                    .and_then(|c| c.conn.as_ref())
+                    .map(|conn| Arc::clone(&conn.session)),
+                connections,
+            }
         };
         let (sessions, written) = match routing::route(caller, component, link_name, subject)? {
             Destination::Session { id, subject } => {
