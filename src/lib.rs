@@ -8,6 +8,8 @@
 //! - [`provider`] and [`exports`]: the wasmCloud glue (links, health, shutdown, wRPC exports);
 //! - [`link`]: opening a link's sessions, once for both modes: client sockets, server
 //!   listeners;
+//! - [`cluster`]: several replicas as one provider: forwarding to the replica holding a
+//!   session, lattice-wide fan-out, client connection leases (NATS, JetStream);
 //! - [`routing`]: where a publish goes, a pure function of the caller's links;
 //! - [`delivery`]: inbound frames to a component's `handle-message`;
 //! - [`session`]: a session, its outbox and replies, and the registry (the only shared
@@ -23,6 +25,7 @@
 
 pub mod app;
 pub mod bindings;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod delivery;

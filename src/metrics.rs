@@ -14,6 +14,7 @@
 //! | `websocket.connections.rejected` | counter | `status` (the HTTP status of the refusal) |
 //! | `websocket.publishes.refused` | counter | |
 //! | `websocket.frames.undeliverable` | counter | `reason` (invalid_envelope, no_handler, budget, link_deleted) |
+//! | `websocket.replicas.events` | counter | `event` (forwarded: a call sent to another replica; served: one served for another; takeover: a client connection taken from a replica that stopped renewing it; lease_lost: one this replica had to let go) |
 //! | `websocket.tasks` | gauge | (tasks alive in the provider's runtime; back to its level before a link once the link is deleted) |
 
 use std::time::Duration;
@@ -95,6 +96,7 @@ pub struct Metrics {
     rejected: Counter<u64>,
     publishes_refused: Counter<u64>,
     undeliverable: Counter<u64>,
+    replica_events: Counter<u64>,
     /// Observed at each export: the tasks alive in the provider's runtime.
     _tasks: ObservableGauge<i64>,
 }
@@ -147,6 +149,12 @@ impl Default for Metrics {
             undeliverable: meter
                 .u64_counter("websocket.frames.undeliverable")
                 .with_description("Inbound frames not delivered to a component")
+                .build(),
+            replica_events: meter
+                .u64_counter("websocket.replicas.events")
+                .with_description(
+                    "Calls forwarded between provider replicas, takeovers and lost leases",
+                )
                 .build(),
             _tasks: tasks_gauge(&meter),
         }
@@ -214,6 +222,11 @@ impl Metrics {
     /// A publish or send refused with an error returned to the component.
     pub fn publish_refused(&self) {
         self.publishes_refused.add(1, &[]);
+    }
+
+    /// Something between replicas: `forwarded`, `served`, `takeover` or `lease_lost`.
+    pub fn replica_event(&self, event: &'static str) {
+        self.replica_events.add(1, &[KeyValue::new("event", event)]);
     }
 
     /// An inbound frame that no component got.

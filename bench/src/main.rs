@@ -17,6 +17,10 @@
 //! fan-out of one component call to 1, 100, 1,000 and all of them (P). Rounds repeat with the
 //! targets in a different order each time; tables show medians, counts are summed.
 //!
+//! - R (`replicas.rs`): the provider as two replicas against one, in the same run: echo through
+//!   one replica while the other serves about half of the calls back, and fan-out to sessions
+//!   split over both.
+//!
 //! Run: `./scripts/bench.sh` (full, a few minutes) or `./scripts/bench.sh --quick` (the CI smoke,
 //! which fails only on gross regressions, by ratio). For hot-path work: `--focus` (B1, B3, P
 //! and P-wasm at 1x1 and 100x1, one round), `--only NAME[,NAME]`, `--idle N`; `BENCH_SNIFF=1`
@@ -26,6 +30,7 @@
 mod hostpath;
 mod load;
 mod procs;
+mod replicas;
 mod standin;
 
 /// Bindings for baseline B3's caller.
@@ -521,6 +526,8 @@ async fn main() -> Result<()> {
     }
     let (standin_hung, standin_failed) = standin::stats(&client).await.unwrap_or((0, 0));
     let elapsed = started.elapsed();
+    // The two-replica case runs last, with its own tables (not with `--focus` or `--only`).
+    let replicas = !opts.focus && only.is_none();
 
     // The tables.
     println!(
@@ -725,6 +732,20 @@ async fn main() -> Result<()> {
 
     if let Some(host) = wasm_host {
         host.stop().await;
+    }
+    if replicas {
+        let _ = provider.kill().await;
+        let _ = provider.wait().await;
+        replicas::run(
+            &provider_bin,
+            &nats,
+            standin_pid,
+            n,
+            opts.latency_samples,
+            opts.duration,
+            opts.idle.clamp(1000, 10_000),
+        )
+        .await?;
     }
     drop((provider, tcp_server, ws_server, standin_proc, nats));
     if !opts.quick && !opts.focus && only.is_none() {

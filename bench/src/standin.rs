@@ -268,8 +268,18 @@ pub async fn wait_ready(nats: &async_nats::Client) -> Result<()> {
 /// Starts the provider binary with host data naming its links: a server-mode handler link to
 /// the stand-in on `port`, and the stand-in's consumer link.
 pub async fn start_provider(bin: &str, nats_url: &str, port: u16) -> Result<tokio::process::Child> {
+    start_replica(bin, nats_url, port, "bench-host").await
+}
+
+/// [`start_provider`] as if on host `host_id`: replicas differ only in their host and port.
+pub async fn start_replica(
+    bin: &str,
+    nats_url: &str,
+    port: u16,
+    host_id: &str,
+) -> Result<tokio::process::Child> {
     let host_data = serde_json::json!({
-        "host_id": "bench-host",
+        "host_id": host_id,
         "lattice_rpc_prefix": LATTICE,
         "link_name": "default",
         "lattice_rpc_url": nats_url,

@@ -51,6 +51,8 @@ pub const MAX_HANDSHAKES_PER_ADDRESS: &str = "MAX_HANDSHAKES_PER_ADDRESS";
 
 /// Provider config only: the provider-wide budget of inbound bytes waiting for components.
 pub const MAX_INBOUND_BYTES: &str = "MAX_INBOUND_BYTES";
+/// Provider config only: the lease time of a client connection shared by several replicas.
+pub const LEASE_TTL_MS: &str = "LEASE_TTL_MS";
 
 pub const DEFAULT_URI: &str = "ws://127.0.0.1:8080";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -75,6 +77,8 @@ pub const DEFAULT_FANOUT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_HANDLER_WAIT: Duration = Duration::from_secs(30);
 /// Inbound bytes that may wait for components across the whole provider.
 pub const DEFAULT_MAX_INBOUND_BYTES: u64 = 256 * 1024 * 1024;
+/// A replica that stopped renewing a client connection's lease loses it after this long.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 /// Default of `HANDSHAKE_TIMEOUT_SEC`; range 1..=300.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default of `MAX_PENDING_HANDSHAKES`; range 1..=65536.
@@ -100,6 +104,7 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     (FANOUT_TIMEOUT_MS, 1, 3_600_000),
     (HANDLER_WAIT_MS, 0, 3_600_000),
     (MAX_INBOUND_BYTES, 1024 * 1024, 1 << 40),
+    (LEASE_TTL_MS, 1000, 600_000),
     (MAX_CONNECTIONS, 1, 1_000_000),
     (HANDSHAKE_TIMEOUT_SEC, 1, 300),
     (MAX_PENDING_HANDSHAKES, 1, 65_536),

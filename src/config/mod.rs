@@ -171,6 +171,14 @@ impl ProviderDefaults {
         }
     }
 
+    /// The lease time of a client connection that several replicas share (`LEASE_TTL_MS`).
+    pub fn lease_ttl(&self) -> Result<std::time::Duration, ConfigError> {
+        match self.config.get(LEASE_TTL_MS).map(|v| v.trim()) {
+            None | Some("") => Ok(DEFAULT_LEASE_TTL),
+            Some(v) => keys::parse_in_range(LEASE_TTL_MS, v).map(std::time::Duration::from_millis),
+        }
+    }
+
     /// Parses the settings of one link: link config over provider config, secrets first.
     ///
     /// The client keys are checked in either mode, so whether a config is refused does not
@@ -300,6 +308,17 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn lease_ttl_is_provider_config_with_a_default_and_a_range() {
+        let ttl = |pairs: &[(&str, &str)]| {
+            ProviderDefaults::new(&map(pairs), &HashMap::new()).lease_ttl()
+        };
+        assert_eq!(ttl(&[]), Ok(DEFAULT_LEASE_TTL));
+        assert_eq!(ttl(&[("lease_ttl_ms", "3000")]), Ok(Duration::from_secs(3)));
+        assert!(ttl(&[("LEASE_TTL_MS", "999")]).is_err());
+        assert!(ttl(&[("LEASE_TTL_MS", "soon")]).is_err());
+    }
+
+    #[test]
     fn inbound_budget_is_provider_config_only() {
         let budget = |pairs: &[(&str, &str)]| {
             ProviderDefaults::new(&map(pairs), &HashMap::new()).inbound_budget()
@@ -345,7 +364,7 @@ pub(crate) mod tests {
             MAX_HANDSHAKES_PER_ADDRESS,
         ];
         for (key, lo, hi) in RANGES {
-            if *key == MAX_INBOUND_BYTES {
+            if *key == MAX_INBOUND_BYTES || *key == LEASE_TTL_MS {
                 continue; // provider config only
             }
             let mode: &[(&str, &str)] = if server_keys.contains(key) {

@@ -8,11 +8,15 @@ use tracing::{debug, instrument};
 use uuid::Uuid;
 use wasmcloud_provider_sdk::{propagate_trace_for_ctx, Context};
 
+use super::forwarded::{frame_code, parse, FORWARD_TIMEOUT};
 use super::{caller, send_all, send_to};
 use crate::bindings::exports::wasmcloud::messaging::consumer;
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
+use crate::cluster::wire::Op;
 use crate::config::Format;
+use crate::provider::Remote;
 use crate::provider::WsProvider;
+use crate::session::Session;
 
 impl WsProvider {
     async fn publish_message(
@@ -29,6 +33,32 @@ impl WsProvider {
             bytes = msg.body.len(),
             "publish"
         );
+        match &target.remote {
+            Remote::None => {}
+            Remote::Session(id) => {
+                let op = Op::Publish {
+                    subject: target.subject.clone(),
+                    reply_to: msg.reply_to.clone(),
+                    frame_type: frame_code(target.frame_type),
+                };
+                return self
+                    .session_call(component, &id.to_string(), op, msg.body, FORWARD_TIMEOUT)
+                    .await
+                    .map(drop);
+            }
+            Remote::ServerLink(link) => {
+                let op = Op::ServerLink {
+                    link: link.clone(),
+                    subject: target.subject.clone(),
+                    reply_to: msg.reply_to.clone(),
+                    frame_type: frame_code(target.frame_type),
+                };
+                return self
+                    .all_write(component, op, msg.body, target.fanout_timeout)
+                    .await
+                    .map(drop);
+            }
+        }
         match target.sessions.as_slice() {
             [session] => send_to(session, &target.subject, &msg, target.frame_type).await,
             sessions => {
@@ -63,12 +93,48 @@ impl WsProvider {
     ) -> Result<BrokerMessage, String> {
         let (component, link_name) = caller(cx)?;
         let target = self.route_publish(component, link_name, subject)?;
+        if let Remote::Session(id) = target.remote {
+            let op = Op::Request {
+                subject: target.subject.clone(),
+                timeout_ms,
+                frame_type: frame_code(target.frame_type),
+            };
+            let wait = Duration::from_millis(u64::from(timeout_ms)) + FORWARD_TIMEOUT;
+            let reply = self
+                .session_call(component, &id.to_string(), op, body, wait)
+                .await?;
+            let (subject, reply_to, body): (String, Option<String>, Vec<u8>) = parse(reply)?;
+            return Ok(BrokerMessage {
+                subject,
+                body: Bytes::from(body),
+                reply_to,
+            });
+        }
         let [session] = target.sessions.as_slice() else {
             return Err(format!(
                 "subject {subject:?} names {} sessions; a request goes to one session (use its session subject)",
                 target.sessions.len()
             ));
         };
+        self.request_on(
+            session,
+            &target.subject,
+            body,
+            timeout_ms,
+            target.frame_type,
+        )
+        .await
+    }
+
+    /// A request to the peer of a session held here.
+    pub(super) async fn request_on(
+        &self,
+        session: &Session,
+        subject: &str,
+        body: Bytes,
+        timeout_ms: u32,
+        frame_type: Option<crate::config::FrameType>,
+    ) -> Result<BrokerMessage, String> {
         if session.codec.format != Format::Json {
             return Err(format!(
                 "request-reply needs FORMAT=json on the link of session {}; raw frames have no reply subject",
@@ -79,7 +145,7 @@ impl WsProvider {
         let reply = session.replies.expect(inbox.clone())?;
         let frame = session
             .codec
-            .encode(&target.subject, body, Some(&inbox), target.frame_type)?;
+            .encode(subject, body, Some(&inbox), frame_type)?;
         if let Err(e) = session.outbox.send(frame).await {
             session.replies.forget(&inbox);
             return Err(e);

@@ -11,6 +11,7 @@
 //! sessions through the provider (routing, ownership) and write through the sessions' outboxes.
 
 mod consumer;
+mod forwarded;
 mod sessions;
 
 use std::sync::Arc;

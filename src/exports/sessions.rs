@@ -3,11 +3,17 @@
 
 use wasmcloud_provider_sdk::Context;
 
-use super::{caller, send_all, send_to};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::forwarded::{parse, FORWARD_TIMEOUT};
+use super::{caller, send_to};
 use crate::bindings::exports::wasmcloud_websocket::provider::sessions::{
     self, RequestInfo, SessionInfo,
 };
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
+use crate::cluster::wire::Op;
 use crate::provider::WsProvider;
 
 fn to_wit(info: crate::session::SessionInfo) -> SessionInfo {
@@ -28,12 +34,27 @@ fn to_wit(info: crate::session::SessionInfo) -> SessionInfo {
     }
 }
 
-/// How many of `results` succeeded, counting each publish.
-fn delivered(provider: &WsProvider, results: &[Result<(), String>]) -> u32 {
-    for result in results {
-        provider.count_publish(result);
+/// A lattice-wide list that some replicas did not answer for.
+fn incomplete(unreached: usize, expected: usize, timeout: Duration) -> String {
+    format!(
+        "{unreached} of {expected} other provider replicas did not answer within {} ms; the answer would be incomplete",
+        timeout.as_millis()
+    )
+}
+
+impl WsProvider {
+    /// A session call by the caller on its session `id`, wherever the session is.
+    async fn call(
+        &self,
+        cx: &Option<Context>,
+        id: &str,
+        op: Op,
+        body: Bytes,
+    ) -> Result<serde_json::Value, String> {
+        let (component, _) = caller(cx)?;
+        self.session_call(component, id, op, body, FORWARD_TIMEOUT)
+            .await
     }
-    u32::try_from(results.iter().filter(|r| r.is_ok()).count()).unwrap_or(u32::MAX)
 }
 
 impl sessions::Handler<Option<Context>> for WsProvider {
@@ -41,12 +62,26 @@ impl sessions::Handler<Option<Context>> for WsProvider {
         &self,
         cx: Option<Context>,
     ) -> anyhow::Result<Result<Vec<SessionInfo>, String>> {
-        Ok(caller(&cx).map(|(component, _)| {
-            self.owned_sessions(component)
-                .iter()
-                .map(|s| to_wit(self.registry().info(s)))
-                .collect()
-        }))
+        let (component, _) = match caller(&cx) {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(e)),
+        };
+        let timeout = self.fanout_of(&cx);
+        let listed = self
+            .all_call(component, Op::List, Bytes::new(), timeout)
+            .await
+            .and_then(|(values, unreached, expected)| {
+                if unreached > 0 {
+                    return Err(incomplete(unreached, expected, timeout));
+                }
+                let mut all = Vec::new();
+                for v in values {
+                    all.extend(parse::<Vec<crate::session::SessionInfo>>(v)?);
+                }
+                all.sort_by_key(|s| s.id);
+                Ok(all.into_iter().map(to_wit).collect())
+            });
+        Ok(listed)
     }
 
     async fn get_session(
@@ -55,8 +90,10 @@ impl sessions::Handler<Option<Context>> for WsProvider {
         id: String,
     ) -> anyhow::Result<Result<SessionInfo, String>> {
         Ok(self
-            .session_of(&cx, &id)
-            .map(|s| to_wit(self.registry().info(&s))))
+            .call(&cx, &id, Op::Get, Bytes::new())
+            .await
+            .and_then(parse)
+            .map(to_wit))
     }
 
     async fn send(
@@ -67,7 +104,23 @@ impl sessions::Handler<Option<Context>> for WsProvider {
     ) -> anyhow::Result<Result<(), String>> {
         let result = match self.session_of(&cx, &id) {
             Ok(session) => send_to(&session, &msg.subject, &msg, None).await,
-            Err(e) => Err(e),
+            Err(unknown) => {
+                let op = Op::Publish {
+                    subject: msg.subject.clone(),
+                    reply_to: msg.reply_to.clone(),
+                    frame_type: None,
+                };
+                match caller(&cx) {
+                    Ok((component, _)) => match self
+                        .forward(component, &id, &op, &msg.body, FORWARD_TIMEOUT)
+                        .await
+                    {
+                        Some(r) => r.map(drop),
+                        None => Err(unknown),
+                    },
+                    Err(e) => Err(e),
+                }
+            }
         };
         self.count_publish(&result);
         Ok(result)
@@ -82,13 +135,13 @@ impl sessions::Handler<Option<Context>> for WsProvider {
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),
         };
-        let sessions: Vec<_> = self
-            .owned_sessions(component)
-            .into_iter()
-            .filter(|s| s.outbox.is_connected())
-            .collect();
-        let results = send_all(&sessions, &msg.subject, &msg, None, self.fanout_of(&cx)).await;
-        Ok(Ok(delivered(self, &results)))
+        let op = Op::Broadcast {
+            subject: msg.subject,
+            reply_to: msg.reply_to,
+        };
+        Ok(self
+            .all_write(component, op, msg.body, self.fanout_of(&cx))
+            .await)
     }
 
     async fn send_many(
@@ -97,17 +150,55 @@ impl sessions::Handler<Option<Context>> for WsProvider {
         ids: Vec<String>,
         msg: BrokerMessage,
     ) -> anyhow::Result<Result<u32, String>> {
-        // Every ID must be the caller's: nothing is sent when one is not.
-        let sessions: Result<Vec<_>, String> =
-            ids.iter().map(|id| self.session_of(&cx, id)).collect();
-        let mut sessions = match sessions {
-            Ok(s) => s,
+        let (component, _) = match caller(&cx) {
+            Ok(c) => c,
             Err(e) => return Ok(Err(e)),
         };
-        sessions.sort_by_key(|s| s.id);
-        sessions.dedup_by_key(|s| s.id);
-        let results = send_all(&sessions, &msg.subject, &msg, None, self.fanout_of(&cx)).await;
-        Ok(Ok(delivered(self, &results)))
+        let timeout = self.fanout_of(&cx);
+        // Every ID must be the caller's, here or on another replica: nothing is sent when one is
+        // not.
+        let mut wanted = Vec::new();
+        for id in &ids {
+            match uuid::Uuid::parse_str(id) {
+                Ok(uuid) => wanted.push(uuid),
+                Err(_) => return Ok(Err(format!("unknown session {id}"))),
+            }
+        }
+        wanted.sort();
+        wanted.dedup();
+        let elsewhere: Vec<uuid::Uuid> = wanted
+            .iter()
+            .filter(|id| self.registry().get_owned(component, id).is_none())
+            .copied()
+            .collect();
+        if !elsewhere.is_empty() {
+            let owned = Op::Owned {
+                ids: elsewhere.clone(),
+            };
+            let found = match self.all_call(component, owned, Bytes::new(), timeout).await {
+                Ok((values, 0, _)) => values,
+                Ok((_, unreached, expected)) => {
+                    return Ok(Err(incomplete(unreached, expected, timeout)))
+                }
+                Err(e) => return Ok(Err(e)),
+            };
+            let mut seen = Vec::new();
+            for v in found {
+                match parse::<Vec<uuid::Uuid>>(v) {
+                    Ok(ids) => seen.extend(ids),
+                    Err(e) => return Ok(Err(e)),
+                }
+            }
+            if let Some(missing) = elsewhere.iter().find(|id| !seen.contains(id)) {
+                return Ok(Err(format!("unknown session {missing}")));
+            }
+        }
+        let op = Op::SendMany {
+            ids: wanted,
+            subject: msg.subject,
+            reply_to: msg.reply_to,
+        };
+        Ok(self.all_write(component, op, msg.body, timeout).await)
     }
 
     async fn join_group(
@@ -117,8 +208,9 @@ impl sessions::Handler<Option<Context>> for WsProvider {
         group: String,
     ) -> anyhow::Result<Result<(), String>> {
         Ok(self
-            .session_of(&cx, &id)
-            .and_then(|s| self.registry().join(&s, &group)))
+            .call(&cx, &id, Op::Join { group }, Bytes::new())
+            .await
+            .map(drop))
     }
 
     async fn leave_group(
@@ -128,8 +220,9 @@ impl sessions::Handler<Option<Context>> for WsProvider {
         group: String,
     ) -> anyhow::Result<Result<(), String>> {
         Ok(self
-            .session_of(&cx, &id)
-            .map(|s| self.registry().leave(&s, &group)))
+            .call(&cx, &id, Op::Leave { group }, Bytes::new())
+            .await
+            .map(drop))
     }
 
     async fn group_members(
@@ -137,16 +230,28 @@ impl sessions::Handler<Option<Context>> for WsProvider {
         cx: Option<Context>,
         group: String,
     ) -> anyhow::Result<Result<Vec<String>, String>> {
-        Ok(caller(&cx).map(|(component, _)| {
-            let mut ids: Vec<String> = self
-                .registry()
-                .group_members(component, &group)
-                .iter()
-                .map(|s| s.id.to_string())
-                .collect();
-            ids.sort();
-            ids
-        }))
+        let (component, _) = match caller(&cx) {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(e)),
+        };
+        let timeout = self.fanout_of(&cx);
+        let members = self
+            .all_call(component, Op::Members { group }, Bytes::new(), timeout)
+            .await
+            .and_then(|(values, unreached, expected)| {
+                if unreached > 0 {
+                    return Err(incomplete(unreached, expected, timeout));
+                }
+                let mut ids = Vec::new();
+                for v in values {
+                    ids.extend(parse::<Vec<uuid::Uuid>>(v)?);
+                }
+                let mut ids: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+                ids.sort();
+                ids.dedup();
+                Ok(ids)
+            });
+        Ok(members)
     }
 
     async fn send_group(
@@ -159,14 +264,14 @@ impl sessions::Handler<Option<Context>> for WsProvider {
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),
         };
-        let members: Vec<_> = self
-            .registry()
-            .group_members(component, &group)
-            .into_iter()
-            .filter(|s| s.outbox.is_connected())
-            .collect();
-        let results = send_all(&members, &msg.subject, &msg, None, self.fanout_of(&cx)).await;
-        Ok(Ok(delivered(self, &results)))
+        let op = Op::SendGroup {
+            group,
+            subject: msg.subject,
+            reply_to: msg.reply_to,
+        };
+        Ok(self
+            .all_write(component, op, msg.body, self.fanout_of(&cx))
+            .await)
     }
 
     async fn set_metadata(
@@ -176,9 +281,8 @@ impl sessions::Handler<Option<Context>> for WsProvider {
         key: String,
         value: String,
     ) -> anyhow::Result<Result<(), String>> {
-        Ok(self
-            .session_of(&cx, &id)
-            .and_then(|s| s.set_metadata(key, value)))
+        let op = Op::SetMetadata { key, value };
+        Ok(self.call(&cx, &id, op, Bytes::new()).await.map(drop))
     }
 
     async fn get_metadata(
@@ -187,7 +291,8 @@ impl sessions::Handler<Option<Context>> for WsProvider {
         id: String,
         key: String,
     ) -> anyhow::Result<Result<Option<String>, String>> {
-        Ok(self.session_of(&cx, &id).map(|s| s.get_metadata(&key)))
+        let op = Op::GetMetadata { key };
+        Ok(self.call(&cx, &id, op, Bytes::new()).await.and_then(parse))
     }
 
     async fn remove_metadata(
@@ -196,7 +301,8 @@ impl sessions::Handler<Option<Context>> for WsProvider {
         id: String,
         key: String,
     ) -> anyhow::Result<Result<(), String>> {
-        Ok(self.session_of(&cx, &id).map(|s| s.remove_metadata(&key)))
+        let op = Op::RemoveMetadata { key };
+        Ok(self.call(&cx, &id, op, Bytes::new()).await.map(drop))
     }
 
     async fn close(
@@ -206,10 +312,7 @@ impl sessions::Handler<Option<Context>> for WsProvider {
         code: u16,
         reason: String,
     ) -> anyhow::Result<Result<(), String>> {
-        let session = match self.session_of(&cx, &id) {
-            Ok(s) => s,
-            Err(e) => return Ok(Err(e)),
-        };
-        Ok(session.outbox.close(code, &reason).await)
+        let op = Op::Close { code, reason };
+        Ok(self.call(&cx, &id, op, Bytes::new()).await.map(drop))
     }
 }

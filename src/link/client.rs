@@ -8,7 +8,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tracing::Instrument as _;
+
+use crate::cluster::lease::Holding;
+use crate::cluster::Cluster;
 
 use crate::config::{ClientSettings, LinkSettings};
 use crate::metrics::Metrics;
@@ -21,7 +25,20 @@ use crate::ws::socket::ConnState;
 pub struct ClientSocket {
     pub session: Arc<Session>,
     registry: Arc<Registry>,
+    /// The lease of a connection several replicas share; dropped first (a deleted link deletes
+    /// it).
+    holding: Option<Holding>,
+    /// Alone: the socket task's permission to connect, always given.
+    _allowed: Option<watch::Sender<bool>>,
     task: OwnedTask,
+}
+
+/// A connection that several replicas share: the lattice's leases, the connection's lease key
+/// and the session ID the replicas agreed on.
+pub struct Shared {
+    pub cluster: Cluster,
+    pub key: String,
+    pub id: uuid::Uuid,
 }
 
 impl ClientSocket {
@@ -35,8 +52,11 @@ impl ClientSocket {
         wrpc: ComponentClient,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
+        shared: Option<Shared>,
     ) -> Arc<Self> {
         let opened = super::open(super::Opening {
+            id: shared.as_ref().map(|s| s.id),
+            register: shared.is_none(),
             options: SessionOptions {
                 publish_wait: Some(client.publish_wait),
                 max_waiting: settings.send_queue_len,
@@ -61,6 +81,7 @@ impl ClientSocket {
         // Everything the socket task logs names its session, component and link.
         let span = tracing::info_span!("session", id = %session.id, component = component_id,
             link = link_name, mode = "client");
+        let (allowed, allowed_rx) = watch::channel(shared.is_none());
         let task = OwnedTask::spawn(|cancel| {
             // Delivery ends by itself once the socket task (which owns the sink) has ended.
             client::run(
@@ -68,20 +89,42 @@ impl ClientSocket {
                 opened.inbound,
                 opened.outbound,
                 opened.state,
+                allowed_rx,
                 cancel,
             )
             .instrument(span)
         });
+        let (holding, allowed) = match shared {
+            Some(shared) => (
+                Some(shared.cluster.hold_lease(
+                    shared.key,
+                    client.endpoint.redacted_uri(),
+                    Arc::clone(&session),
+                    Arc::clone(&registry),
+                    allowed,
+                )),
+                None,
+            ),
+            None => (None, Some(allowed)),
+        };
         Arc::new(Self {
             session,
             registry,
+            holding,
+            _allowed: allowed,
             task,
         })
     }
 
-    /// Closes the socket (with a close frame) and waits up to `grace` for the task to end.
+    /// Closes the socket (with a close frame) and waits up to `grace` for the task to end; a
+    /// held lease is handed back for another replica to take at once.
     pub async fn close(&self, grace: Duration) {
-        self.task.close(grace).await;
+        match &self.holding {
+            Some(holding) => {
+                futures::future::join(holding.hand_back(grace), self.task.close(grace)).await;
+            }
+            None => self.task.close(grace).await,
+        }
     }
 }
 

@@ -30,6 +30,10 @@ pub struct Opening<'a> {
     pub wrpc: ComponentClient,
     pub registry: &'a Registry,
     pub metrics: Arc<Metrics>,
+    /// The session's ID if it is given (a client connection of several replicas), and whether
+    /// it is registered now (else its holder registers it once it holds the socket).
+    pub id: Option<uuid::Uuid>,
+    pub register: bool,
 }
 
 /// A registered session, with what its socket task needs: the sink for its frames, its outbound
@@ -45,11 +49,16 @@ pub struct Opened {
 pub fn open(opening: Opening<'_>) -> Opened {
     let (state, state_rx) = watch::channel(opening.state);
     let (out_tx, outbound) = mpsc::channel(opening.queue_len);
-    let session = Arc::new(Session::new(opening.options, state_rx, out_tx));
+    let id = opening.id.unwrap_or_else(uuid::Uuid::new_v4);
+    let session = Arc::new(Session::with_id(id, opening.options, state_rx, out_tx));
     if let Some(route) = opening.route {
         session.add_route(route);
     }
-    opening.registry.insert(Arc::clone(&session));
+    if opening.register {
+        opening.registry.insert(Arc::clone(&session));
+    } else {
+        session.set_here(false);
+    }
     let inbound = delivery::start(
         Arc::clone(&session),
         opening.wrpc,

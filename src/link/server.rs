@@ -167,6 +167,8 @@ impl Accept for Acceptor {
             }),
             delivery: (&self.settings).into(),
             wrpc: self.wrpc.clone(),
+            id: None,
+            register: true,
             registry: &self.registry,
             metrics: Arc::clone(&self.metrics),
         });

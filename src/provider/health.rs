@@ -12,12 +12,12 @@ impl WsProvider {
     /// Counts of links, connections and listeners, for health reports.
     pub(super) fn summary(&self) -> String {
         let links = self.links();
-        let conns: Vec<&Arc<ClientSocket>> = links
+        let (conns, elsewhere): (Vec<&Arc<ClientSocket>>, Vec<&Arc<ClientSocket>>) = links
             .handlers
             .values()
             .map(|h| &h.conn)
             .chain(links.consumers.values().filter_map(|c| c.conn.as_ref()))
-            .collect();
+            .partition(|c| c.session.is_here());
         let connected = conns
             .iter()
             .filter(|c| c.session.outbox.is_connected())
@@ -28,12 +28,13 @@ impl WsProvider {
             .map(|(component, link)| self.server_clients(component, link).len())
             .sum();
         format!(
-            "links: {} handler, {} consumer, {} refused; connections: {} connected, {} reconnecting; listeners: {} with {} clients",
+            "links: {} handler, {} consumer, {} refused; connections: {} connected, {} reconnecting, {} held by another replica; listeners: {} with {} clients",
             links.handlers.len() + links.servers.len(),
             links.consumers.len(),
             links.errors.len(),
             connected,
             conns.len() - connected,
+            elsewhere.len(),
             links.servers.len(),
             clients
         )
@@ -66,6 +67,10 @@ impl WsProvider {
                     c.conn.as_ref().map(|conn| (Direction::Consumer, k, conn))
                 }));
         for (dir, (component, link), conn) in conns {
+            if !conn.session.is_here() {
+                // Another replica holds it (its health reports on it).
+                continue;
+            }
             match conn.session.outbox.state() {
                 ConnState::Connected { .. } => {}
                 ConnState::Connecting => problems.push(format!(

@@ -28,6 +28,7 @@ impl WsProvider {
             return Ok(conn);
         }
         let wrpc = self.wrpc_for(component).await?;
+        let shared = self.shared_connection(component, &client.endpoint).await;
         let mut links = self.links();
         // Another link may have opened it while the wRPC client was created.
         if let Some(conn) = links.connection_for(component, &client.endpoint) {
@@ -41,6 +42,7 @@ impl WsProvider {
             wrpc,
             Arc::clone(&self.inner.registry),
             Arc::clone(&self.inner.metrics),
+            shared,
         );
         links.prune_pool();
         links.pool.insert(
@@ -49,6 +51,31 @@ impl WsProvider {
         );
         info!(component, session = %conn.session.id, uri = %client.endpoint.redacted_uri(), "opened connection");
         Ok(conn)
+    }
+
+    /// With other replicas possible: the connection's lease key and the session ID every
+    /// replica uses for it. `None`: this replica runs alone (the connection is its own).
+    async fn shared_connection(
+        &self,
+        component: &str,
+        endpoint: &crate::config::Endpoint,
+    ) -> Option<crate::link::client::Shared> {
+        let cluster = self.cluster().await?;
+        let headers: Vec<String> = endpoint
+            .headers
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let token = endpoint.auth_token.as_ref().map_or("", |t| t.expose());
+        let key =
+            crate::cluster::lease::key(component, &[&endpoint.uri, token, &headers.join("\n")]);
+        match cluster.connection_id(&key).await {
+            Ok(id) => Some(crate::link::client::Shared { cluster, key, id }),
+            Err(e) => {
+                error!(component, error = %e, "the connection's lease is not reachable; this replica connects on its own");
+                None
+            }
+        }
     }
 
     /// Parses a link's settings; a bad config is recorded for health and returned.
@@ -76,6 +103,8 @@ impl WsProvider {
         link: &LinkConfig<'_>,
     ) -> anyhow::Result<()> {
         let key = (component.to_string(), link_name.to_string());
+        // Replicas find each other before the link's first session exists.
+        let _ = self.cluster().await;
         let settings = self.settings_or_record(Direction::Handler, &key, link)?;
         if settings.server().is_some() {
             return self.put_server_link(key, &settings).await;
@@ -143,6 +172,7 @@ impl WsProvider {
         let (namespace, package, _) = link.wit_metadata;
         let direction = Direction::of_target(namespace, package);
         self.forget_delete_hints(&key);
+        let _ = self.cluster().await;
         let settings = self.settings_or_record(direction, &key, link)?;
         if direction == Direction::Sessions {
             let mut links = self.links();

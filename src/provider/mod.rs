@@ -20,6 +20,7 @@
 mod deletes;
 mod health;
 mod links;
+mod replicas;
 mod route;
 mod table;
 
@@ -42,7 +43,7 @@ use crate::metrics::Metrics;
 use crate::session::Registry;
 use crate::wrpc::{ComponentClient, Invoker};
 
-pub use route::Target;
+pub use route::{Remote, Target};
 use table::{Direction, LinkKey, Links};
 
 /// The SDK's secret values as strings; a secret whose bytes are not UTF-8 is left out (with a
@@ -81,6 +82,8 @@ struct Inner {
     config_problems: Mutex<Vec<String>>,
     /// The task following the host's link-delete messages.
     delete_watch: Mutex<Option<crate::task::OwnedTask>>,
+    /// This replica's part of the lattice (`Err`: running alone, and why).
+    cluster: tokio::sync::OnceCell<Result<crate::cluster::Cluster, String>>,
     /// Set when `shutdown` starts: it runs once.
     stopping: std::sync::atomic::AtomicBool,
     /// Cancelled when `shutdown` has finished.
@@ -112,6 +115,7 @@ impl WsProvider {
                 deleted_seen: tokio::sync::Notify::new(),
                 config_problems: Mutex::default(),
                 delete_watch: Mutex::default(),
+                cluster: tokio::sync::OnceCell::new(),
                 stopping: std::sync::atomic::AtomicBool::new(false),
                 stopped: tokio_util::sync::CancellationToken::new(),
             }),
@@ -220,16 +224,21 @@ impl Provider for WsProvider {
 
     async fn health_request(&self, _: &HealthCheckRequest) -> anyhow::Result<HealthCheckResponse> {
         let problems = self.problems();
+        let replicas = self.replicas_summary();
         if problems.is_empty() {
             return Ok(HealthCheckResponse {
                 healthy: true,
-                message: None,
+                message: replicas,
             });
         }
         warn!(?problems, "health: some links are not connected");
+        let mut message = format!("{}; {}", self.summary(), problems.join("; "));
+        if let Some(replicas) = replicas {
+            message = format!("{message}; {replicas}");
+        }
         Ok(HealthCheckResponse {
             healthy: true,
-            message: Some(format!("{}; {}", self.summary(), problems.join("; "))),
+            message: Some(message),
         })
     }
 
@@ -262,6 +271,9 @@ impl Provider for WsProvider {
         let stopping = servers.values().map(|s| s.listener.close(SHUTDOWN_GRACE));
         futures::future::join(join_all(closing), join_all(stopping)).await;
         drop((handlers, consumers, servers));
+        if let Some(cluster) = self.cluster_now() {
+            cluster.leave().await;
+        }
         let delete_watch = self
             .inner
             .delete_watch

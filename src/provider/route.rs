@@ -14,9 +14,21 @@ use crate::session::{Registry, Session};
 /// one), the subject written in an envelope, and the deadline of a fan-out.
 pub struct Target {
     pub sessions: Vec<Arc<Session>>,
+    /// What other replicas must write too.
+    pub remote: Remote,
     pub frame_type: Option<FrameType>,
     pub subject: String,
     pub fanout_timeout: Duration,
+}
+
+/// The part of a publish that other replicas hold.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Remote {
+    None,
+    /// The session is not here: the replica that holds it writes.
+    Session(uuid::Uuid),
+    /// The server link's clients on other replicas.
+    ServerLink(String),
 }
 
 impl WsProvider {
@@ -53,20 +65,36 @@ impl WsProvider {
                 connections,
             }
         };
-        let (sessions, written) = match routing::route(caller, component, link_name, subject)? {
-            Destination::Session { id, subject } => {
-                let session = self
-                    .inner
-                    .registry
-                    .get_owned(component, &id)
-                    .ok_or_else(|| format!("unknown session {id}"))?;
-                (vec![session], subject)
-            }
-            Destination::ServerLink(link) => (self.server_clients(component, &link), subject),
-            Destination::Connection(session) => (vec![session], subject),
-        };
+        let cluster = self.cluster_now();
+        let lattice = cluster.is_some();
+        // Alone (or the only replica): a server link's clients are all here.
+        let replicated = cluster.is_some_and(|c| !c.alone());
+        let (sessions, written, remote) =
+            match routing::route(caller, component, link_name, subject)? {
+                Destination::Session { id, subject } => {
+                    match self.inner.registry.get_owned(component, &id) {
+                        Some(session) => (vec![session], subject, Remote::None),
+                        None if lattice => (Vec::new(), subject, Remote::Session(id)),
+                        None => return Err(format!("unknown session {id}")),
+                    }
+                }
+                Destination::ServerLink(link) => {
+                    let clients = self.server_clients(component, &link);
+                    let remote = if replicated {
+                        Remote::ServerLink(link.to_string())
+                    } else {
+                        Remote::None
+                    };
+                    (clients, subject, remote)
+                }
+                Destination::Connection(session) if !session.is_here() => {
+                    (Vec::new(), subject, Remote::Session(session.id))
+                }
+                Destination::Connection(session) => (vec![session], subject, Remote::None),
+            };
         Ok(Target {
             sessions,
+            remote,
             frame_type: consumer.and_then(|c| c.frame_type),
             subject: written.to_string(),
             fanout_timeout: self.fanout_timeout_of(&links, component, link_name),
@@ -97,7 +125,7 @@ impl WsProvider {
 
     /// The clients of one of `component`'s server-mode links, tracked or not: the link's
     /// subject names all of them.
-    pub(super) fn server_clients(&self, component: &str, link_name: &str) -> Vec<Arc<Session>> {
+    pub(crate) fn server_clients(&self, component: &str, link_name: &str) -> Vec<Arc<Session>> {
         self.inner.registry.clients_of_link(component, link_name)
     }
 

@@ -8,6 +8,7 @@ mod registry;
 mod replies;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use tokio::sync::{mpsc, watch};
@@ -80,10 +81,12 @@ pub struct Session {
     /// Woken when a handler link attaches (see [`Session::wait_for_route`]).
     route_added: tokio::sync::Notify,
     metadata: Mutex<BTreeMap<String, String>>,
+    /// See [`Session::is_here`].
+    here: AtomicBool,
 }
 
 /// The upgrade request of a server-mode session.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RequestInfo {
     pub path: String,
     pub query: Option<String>,
@@ -92,7 +95,7 @@ pub struct RequestInfo {
 }
 
 /// What the session API shows of a session.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SessionInfo {
     pub id: Uuid,
     pub link_name: String,
@@ -172,7 +175,16 @@ impl Session {
         state: watch::Receiver<ConnState>,
         outbound: mpsc::Sender<Box<Outbound>>,
     ) -> Self {
-        let id = Uuid::new_v4();
+        Self::with_id(Uuid::new_v4(), options, state, outbound)
+    }
+
+    /// A session under a given ID (a client connection's, which replicas agree on).
+    pub fn with_id(
+        id: Uuid,
+        options: SessionOptions,
+        state: watch::Receiver<ConnState>,
+        outbound: mpsc::Sender<Box<Outbound>>,
+    ) -> Self {
         let outbox = Outbox::new(id, &options, state, outbound);
         Self {
             id,
@@ -192,7 +204,32 @@ impl Session {
             routes: Mutex::default(),
             route_added: tokio::sync::Notify::new(),
             metadata: Mutex::default(),
+            here: AtomicBool::new(true),
         }
+    }
+
+    /// Whether this replica holds the session's socket now. A client connection of a lattice
+    /// with several replicas is held by one of them; the others keep the session object, not
+    /// the socket, and forward to the holder.
+    pub fn is_here(&self) -> bool {
+        self.here.load(Ordering::Acquire)
+    }
+
+    pub fn set_here(&self, here: bool) {
+        self.here.store(here, Ordering::Release);
+    }
+
+    /// The metadata entries, sorted by key.
+    pub fn metadata(&self) -> Vec<(String, String)> {
+        lock(&self.metadata)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Replaces the metadata (a client connection taken over from another replica).
+    pub fn restore_metadata(&self, entries: Vec<(String, String)>) {
+        *lock(&self.metadata) = entries.into_iter().collect();
     }
 
     /// What the session API shows of this session, given its groups (see [`Registry::info`]).

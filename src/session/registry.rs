@@ -23,11 +23,47 @@ pub struct Registry {
     groups: DashMap<(String, String), BTreeSet<Uuid>>,
     /// session -> the groups it is in.
     memberships: DashMap<Uuid, BTreeSet<String>>,
+    /// Told of every tracked session that comes and goes (the lattice's directory: a replica
+    /// answers for the sessions it holds).
+    observer: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<(Uuid, bool)>>,
 }
 
 impl Registry {
     pub fn insert(&self, session: Arc<Session>) {
-        self.sessions.insert(session.id, session);
+        let (id, tracking) = (session.id, session.tracking);
+        self.sessions.insert(id, session);
+        if tracking {
+            self.tell(id, true);
+        }
+    }
+
+    /// Sends `(id, true)` for each tracked session inserted from now on and those already
+    /// here, and `(id, false)` for each removed one. Set once.
+    pub fn observe(&self, observer: tokio::sync::mpsc::UnboundedSender<(Uuid, bool)>) {
+        if self.observer.set(observer).is_ok() {
+            for session in self.sessions.iter().filter(|s| s.tracking) {
+                self.tell(session.id, true);
+            }
+        }
+    }
+
+    fn tell(&self, id: Uuid, present: bool) {
+        if let Some(observer) = self.observer.get() {
+            let _ = observer.send((id, present));
+        }
+    }
+
+    /// Whether session `id` is here, whoever owns it.
+    pub fn holds(&self, id: &Uuid) -> bool {
+        self.sessions.contains_key(id)
+    }
+
+    /// The groups `id` is in, sorted.
+    pub fn groups_of(&self, id: &Uuid) -> Vec<String> {
+        self.memberships
+            .get(id)
+            .map(|g| g.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Removes a session, and with it its group memberships.
@@ -35,6 +71,9 @@ impl Registry {
         let Some((_, session)) = self.sessions.remove(id) else {
             return;
         };
+        if session.tracking {
+            self.tell(*id, false);
+        }
         // Requests waiting for this session's peer fail now, not at their timeout.
         session.replies.end_all();
         let groups = self

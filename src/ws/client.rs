@@ -106,12 +106,27 @@ impl Backoff {
     }
 }
 
+/// Waits until `allowed` says true; false if it can never say so again.
+async fn until_allowed(allowed: &mut watch::Receiver<bool>) -> bool {
+    allowed.wait_for(|a| *a).await.is_ok()
+}
+
+/// Waits until `allowed` says false (or its sender is gone).
+async fn until_denied(allowed: &mut watch::Receiver<bool>) {
+    let _ = allowed.wait_for(|a| !*a).await;
+}
+
 /// Runs the connection until `cancel` fires. Never returns early on errors: it reconnects.
+///
+/// It connects only while `allowed` says true (the lease of a connection that several provider
+/// replicas share): when it turns false the socket is closed at once, before it reads another
+/// frame, and the task waits for it to turn true again.
 pub async fn run<S: FrameSink>(
     options: ClientOptions,
     sink: Arc<S>,
     mut outbound: mpsc::Receiver<Box<Outbound>>,
     state: watch::Sender<ConnState>,
+    mut allowed: watch::Receiver<bool>,
     cancel: CancellationToken,
 ) {
     let mut backoff = Backoff {
@@ -121,26 +136,56 @@ pub async fn run<S: FrameSink>(
     };
     let mut ever_connected = false;
     loop {
+        if !*allowed.borrow() {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                ok = until_allowed(&mut allowed) => if !ok { return },
+            }
+        }
         state.send_replace(ConnState::Connecting);
         let attempt = tokio::select! {
             () = cancel.cancelled() => return,
+            () = until_denied(&mut allowed) => continue,
             r = connect(&options) => r,
         };
         let error = match attempt {
             Ok(ws) => {
                 let up_at = Instant::now();
                 connected(&options, sink.as_ref(), &state, &mut ever_connected);
-                match serve(
-                    ws,
-                    sink.as_ref(),
-                    &mut outbound,
-                    &cancel,
-                    CloseCode::Normal,
-                    options.keepalive,
-                )
-                .await
-                {
-                    End::Cancelled => return,
+                let this_socket = cancel.child_token();
+                let end = {
+                    let serving = serve(
+                        ws,
+                        sink.as_ref(),
+                        &mut outbound,
+                        &this_socket,
+                        CloseCode::Normal,
+                        options.keepalive,
+                    );
+                    tokio::pin!(serving);
+                    let mut fenced = false;
+                    loop {
+                        tokio::select! {
+                            biased;
+                            () = until_denied(&mut allowed), if !fenced => {
+                                fenced = true;
+                                this_socket.cancel();
+                            }
+                            end = &mut serving => break end,
+                        }
+                    }
+                };
+                match end {
+                    End::Cancelled if cancel.is_cancelled() => return,
+                    End::Cancelled => {
+                        info!(uri = %options.shown_uri, "another replica holds this connection now; socket closed");
+                        disconnected(
+                            &state,
+                            &mut outbound,
+                            "this replica lost the connection's lease",
+                        );
+                        continue;
+                    }
                     End::Dropped(closed) => {
                         if up_at.elapsed() >= STABLE_AFTER {
                             backoff.attempt = 0;

@@ -430,6 +430,134 @@ impl Env {
     }
 }
 
+/// Another host of the same lattice, running the same provider (a replica) from the same PAR.
+pub struct OtherHost {
+    pub host_id: String,
+    shutdown: Option<HostShutdown>,
+}
+
+impl OtherHost {
+    /// Kills this host's provider process (SIGKILL); returns how many it killed.
+    pub fn kill_provider(&self) -> usize {
+        kill_children_matching(&self.host_id)
+    }
+
+    /// Stops the host (its provider gets its shutdown).
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(shutdown) = self.shutdown.take() {
+            shutdown.await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for OtherHost {
+    fn drop(&mut self) {
+        kill_children_matching(&self.host_id);
+        let cache = std::env::temp_dir()
+            .join("wasmcloudcache")
+            .join(&self.host_id);
+        let _ = std::fs::remove_dir_all(cache);
+    }
+}
+
+impl Env {
+    /// Starts another host on this lattice with the provider (same ID, same PAR) and the named
+    /// provider config.
+    pub async fn add_host(&self, config: &[&str]) -> Result<OtherHost> {
+        self.add_host_on(&self.nats.url.clone(), config).await
+    }
+
+    /// [`Env::add_host`] with the host (and so its provider) reaching NATS at `nats_url`.
+    pub async fn add_host_on(&self, nats_url: &str, config: &[&str]) -> Result<OtherHost> {
+        let (host_id, shutdown) =
+            start_host(nats_url, wasmcloud_core::OtelConfig::default()).await?;
+        let other = OtherHost {
+            host_id,
+            shutdown: Some(shutdown),
+        };
+        let par = provider_par(self.tmp.path()).await?;
+        let url = url::Url::from_file_path(&par).map_err(|()| anyhow!("bad PAR path"))?;
+        assert_start_provider(StartProviderArgs {
+            client: &self.ctl,
+            host_id: &other.host_id,
+            provider_id: PROVIDER_ID,
+            provider_ref: url.as_str(),
+            config: config.iter().map(|s| s.to_string()).collect(),
+        })
+        .await
+        .context("the second replica did not start healthy")?;
+        Ok(other)
+    }
+
+    /// Starts the provider on `host_id` as replica number `replicas` of the lattice: done when
+    /// that many replicas answer health (test-util's start insists on an empty health message,
+    /// which replicas with links do not give).
+    pub async fn start_replica(
+        &self,
+        host_id: &str,
+        config: &[&str],
+        replicas: usize,
+    ) -> Result<()> {
+        let par = provider_par(self.tmp.path()).await?;
+        let url = url::Url::from_file_path(&par).map_err(|()| anyhow!("bad PAR path"))?;
+        let resp = self
+            .ctl
+            .start_provider(
+                host_id,
+                url.as_str(),
+                PROVIDER_ID,
+                None,
+                config.iter().map(|s| s.to_string()).collect(),
+            )
+            .await
+            .map_err(|e| anyhow!("failed to start the provider: {e}"))?;
+        ensure!(resp.succeeded(), "the host refused to start the provider");
+        eventually(Duration::from_secs(60), || async {
+            self.replica_healths(replicas).await.map(drop)
+        })
+        .await
+    }
+
+    /// Starts test component `name` as `id` on host `host_id` (another host of the lattice).
+    pub async fn component_on(&self, host_id: &str, name: &str, id: &str) -> Result<()> {
+        let path = component(name)?;
+        assert_scale_component(
+            &self.ctl,
+            host_id,
+            format!("file://{}", path.display()),
+            id,
+            None,
+            4,
+            vec![],
+            Duration::from_secs(60),
+        )
+        .await
+        .with_context(|| format!("failed to scale component {id} on {host_id}"))
+    }
+
+    /// The health messages of `replicas` replicas: one health request, answered by each.
+    pub async fn replica_healths(&self, replicas: usize) -> Result<Vec<String>> {
+        use futures::StreamExt as _;
+        let subject = format!("wasmbus.rpc.{LATTICE}.{PROVIDER_ID}.health");
+        let inbox = self.client.new_inbox();
+        let mut answers = self.client.subscribe(inbox.clone()).await?;
+        self.client
+            .publish_with_reply(subject, inbox, "".into())
+            .await?;
+        let mut messages = Vec::new();
+        while messages.len() < replicas {
+            let reply = tokio::time::timeout(Duration::from_secs(10), answers.next())
+                .await
+                .context("a replica did not answer its health request")?
+                .context("inbox closed")?;
+            let value: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+            messages.push(value["message"].as_str().unwrap_or_default().to_string());
+        }
+        Ok(messages)
+    }
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
         // A test that failed may not have stopped the host: kill the provider processes it
