@@ -64,6 +64,14 @@ async fn a_client_link_has_one_socket_across_replicas_and_moves_when_its_holder_
             .await?,
         "OK"
     );
+    assert_eq!(
+        peer.round_trip(&format!("!join {id} lobby")).await?,
+        "JOINED"
+    );
+    assert_eq!(
+        peer.round_trip("!members lobby").await?,
+        format!("MEMBERS {id}")
+    );
 
     // Every frame reaches the component once: each echo comes back once, in order.
     for i in 0..1000 {
@@ -94,12 +102,14 @@ async fn a_client_link_has_one_socket_across_replicas_and_moves_when_its_holder_
     };
     ensure!(killed == 1, "killed {killed} provider processes");
 
-    // The other replica takes over within the lease time (plus a poll and a connect), under the
-    // same session ID, with its metadata.
+    // Another replica takes over within the lease time (plus a poll and a connect), under the
+    // same session ID, with its metadata and groups: the host restarts the killed provider, and
+    // the new replica on the holder's host takes the lease at once (a host runs one replica), or
+    // the other replica does after the lease time.
     let mut taken = server.accept().await?;
     let took = killed_at.elapsed();
     common::figure(&format!(
-        "takeover after SIGKILL of the holder: {} ms (lease {LEASE_TTL_MS} ms)",
+        "client connection back after SIGKILL of its holder: {} ms (lease {LEASE_TTL_MS} ms; the host restarts its provider, whose new replica takes a lease of its own host at once)",
         took.as_millis()
     ));
     ensure!(
@@ -110,6 +120,10 @@ async fn a_client_link_has_one_socket_across_replicas_and_moves_when_its_holder_
     assert_eq!(
         taken.round_trip(&format!("!meta-get {id} room")).await?,
         "META blue"
+    );
+    assert_eq!(
+        taken.round_trip("!members lobby").await?,
+        format!("MEMBERS {id}")
     );
     for i in 0..50 {
         taken.send_text(&format!("after{i}")).await?;

@@ -32,6 +32,10 @@ use crate::task::OwnedTask;
 struct Value {
     /// The replica that holds it; empty: free.
     holder: String,
+    /// The host of the holder: a host runs one replica, so a new replica on the holder's host
+    /// knows the holder is gone (a restart) and need not wait out the lease.
+    #[serde(default)]
+    host: String,
     session: Uuid,
 }
 
@@ -42,19 +46,33 @@ pub struct State {
     pub groups: Vec<String>,
 }
 
-/// The lease key of a client connection: `c.` and a digest of what makes it one connection.
-pub fn key(component: &str, parts: &[&str]) -> String {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(component.as_bytes());
-    for part in parts {
-        ctx.update(&[0]);
-        ctx.update(part.as_bytes());
+/// PBKDF2 rounds of a lease key: the key is derived from the connection's credentials, and
+/// anyone who can read the bucket should not be able to test guesses at a token cheaply.
+const KEY_ROUNDS: u32 = 10_000;
+
+/// The lease key of a client connection: `c.` and a key derived (PBKDF2-HMAC-SHA256) from what
+/// makes it one connection: the component and URI (the salt) and its credentials (`secret`:
+/// token and headers). Slow on purpose: call it off the runtime's threads.
+pub fn key(component: &str, uri: &str, secret: &[&str]) -> String {
+    let mut salt = Vec::with_capacity(component.len() + uri.len() + 1);
+    salt.extend_from_slice(component.as_bytes());
+    salt.push(0);
+    salt.extend_from_slice(uri.as_bytes());
+    let mut password = Vec::new();
+    for part in secret {
+        password.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        password.extend_from_slice(part.as_bytes());
     }
-    let digest = ctx.finish();
-    let hex: String = digest.as_ref()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let mut out = [0u8; 16];
+    let rounds = std::num::NonZeroU32::new(KEY_ROUNDS).unwrap_or(std::num::NonZeroU32::MIN);
+    ring::pbkdf2::derive(
+        ring::pbkdf2::PBKDF2_HMAC_SHA256,
+        rounds,
+        &salt,
+        &password,
+        &mut out,
+    );
+    let hex: String = out.iter().map(|b| format!("{b:02x}")).collect();
     format!("c.{hex}")
 }
 
@@ -70,7 +88,12 @@ impl Cluster {
     /// The session ID of the connection `key`: the one its lease carries, or a new one that
     /// the lease records (free) for every replica to agree on.
     pub async fn connection_id(&self, key: &str) -> Result<Uuid, String> {
-        for _ in 0..5 {
+        // A bucket that does not answer now may in a moment: retry for about 10 s.
+        let mut last = String::new();
+        for attempt in 0..20u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             match self.kv().entry(key).await {
                 Ok(Some(e)) if e.operation == Operation::Put => {
                     if let Ok(v) = serde_json::from_slice::<Value>(&e.value) {
@@ -78,17 +101,22 @@ impl Cluster {
                     }
                 }
                 Ok(_) => {}
-                Err(e) => return Err(format!("lease bucket: {e}")),
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
             }
             let fresh = Value {
                 holder: String::new(),
+                host: String::new(),
                 session: Uuid::new_v4(),
             };
-            if self.kv().create(key, encode(&fresh)).await.is_ok() {
-                return Ok(fresh.session);
+            match self.kv().create(key, encode(&fresh)).await {
+                Ok(_) => return Ok(fresh.session),
+                Err(e) => last = e.to_string(),
             }
         }
-        Err("lease bucket: could not agree on a session ID".into())
+        Err(format!("the lease bucket did not answer: {last}"))
     }
 
     /// Saves a held session's metadata and groups for whoever holds it next.
@@ -140,6 +168,7 @@ impl Cluster {
             registry,
             allowed,
             hand_back: Arc::clone(&hand_back),
+            token: fastrand::u64(..),
         };
         Holding {
             task: OwnedTask::spawn(move |cancel| run.run(cancel)),
@@ -170,6 +199,8 @@ struct Contender {
     registry: Arc<Registry>,
     allowed: watch::Sender<bool>,
     hand_back: Arc<AtomicBool>,
+    /// Tells this handle's entry in the held list from another's of the same connection.
+    token: u64,
 }
 
 /// How the lease task times itself, from the lease time.
@@ -193,8 +224,14 @@ impl Timing {
 
 impl Contender {
     fn value(&self, holder: &str) -> Bytes {
+        let host = if holder.is_empty() {
+            ""
+        } else {
+            self.cluster.host()
+        };
         encode(&Value {
             holder: holder.to_string(),
+            host: host.to_string(),
             session: self.session.id,
         })
     }
@@ -229,15 +266,26 @@ impl Contender {
             let attempt = match self.cluster.kv().entry(self.key.as_str()).await {
                 Ok(Some(e)) if e.operation == Operation::Put => {
                     missing_since = None;
-                    let holder = serde_json::from_slice::<Value>(&e.value)
-                        .map(|v| v.holder)
-                        .unwrap_or_default();
+                    let value = serde_json::from_slice::<Value>(&e.value).ok();
+                    let (holder, host, session) = value.map_or_else(
+                        || (String::new(), String::new(), self.session.id),
+                        |v| (v.holder, v.host, v.session),
+                    );
                     if seen.is_none_or(|(rev, _)| rev != e.revision) {
                         seen = Some((e.revision, Instant::now()));
                     }
                     let stale = seen.is_some_and(|(_, at)| at.elapsed() >= timing.ttl);
-                    if holder.is_empty() || holder == me || stale {
+                    // The holder ran on this host before this replica: it is gone (restart).
+                    let restarted = !holder.is_empty() && host == self.cluster.host();
+                    if session != self.session.id {
+                        // The link was deleted and put again elsewhere, under a new session:
+                        // this handle is about to go (its delete is on the way).
+                        None
+                    } else if holder.is_empty() || holder == me || stale || restarted {
                         let takeover = !holder.is_empty() && holder != me;
+                        if takeover {
+                            self.cluster.gone(&holder);
+                        }
                         let updated = self
                             .cluster
                             .kv()
@@ -268,8 +316,9 @@ impl Contender {
                 }
             };
             if let Some((Ok(revision), takeover)) = attempt {
-                self.take(takeover).await;
-                return Some((revision, sent));
+                if self.take(takeover, sent + timing.fence).await {
+                    return Some((revision, sent));
+                }
             }
             tokio::select! {
                 () = cancel.cancelled() => return None,
@@ -278,19 +327,25 @@ impl Contender {
         }
     }
 
-    /// Now held: the session is restored, registered and its socket may connect.
-    async fn take(&self, takeover: bool) {
-        self.cluster
-            .restore_state(&self.session, &self.registry)
-            .await;
+    /// Now held: the session is registered, its state restored, and its socket may connect,
+    /// unless all that took past the fence (`fence_at`): then it is let go again (false).
+    async fn take(&self, takeover: bool, fence_at: Instant) -> bool {
         self.session.set_here(true);
         self.registry.insert(Arc::clone(&self.session));
-        self.cluster.hold(&self.key, &self.shown);
+        let left = fence_at.saturating_duration_since(Instant::now());
+        let restore = self.cluster.restore_state(&self.session, &self.registry);
+        if tokio::time::timeout(left, restore).await.is_err() || Instant::now() >= fence_at {
+            self.session.set_here(false);
+            self.registry.remove_same(&self.session);
+            return false;
+        }
+        self.cluster.hold(&self.key, &self.shown, self.token);
         if takeover {
             self.cluster.counted_takeover();
             info!(session = %self.session.id, uri = %self.shown, "took over a client connection from a replica that stopped renewing it");
         }
         self.allowed.send_replace(true);
+        true
     }
 
     /// Not held any more: the socket closes before anything else, then the session leaves the
@@ -298,8 +353,8 @@ impl Contender {
     fn let_go(&self) {
         self.allowed.send_replace(false);
         self.session.set_here(false);
-        self.registry.remove(&self.session.id);
-        self.cluster.release(&self.key);
+        self.registry.remove_same(&self.session);
+        self.cluster.release(&self.key, self.token);
     }
 
     async fn keep(
@@ -333,13 +388,17 @@ impl Contender {
                     wait = timing.renew;
                 }
                 Ok(Err(e)) if e.kind() == UpdateErrorKind::WrongLastRevision => {
-                    match self.recheck(&me).await {
-                        Some(r) => {
+                    match tokio::time::timeout(left, self.recheck(&me)).await {
+                        Ok(Ok(Some((r, fresh)))) => {
                             revision = r;
-                            renewed = sent;
-                            wait = timing.renew;
+                            // A revision found (not written now) may be older than `sent`.
+                            if fresh {
+                                renewed = sent;
+                            }
+                            wait = if fresh { timing.renew } else { Duration::ZERO };
                         }
-                        None => return Kept::Lost("another replica holds it".into()),
+                        Ok(Ok(None)) => return Kept::Lost("another replica holds it".into()),
+                        Ok(Err(_)) | Err(_) => wait = timing.poll,
                     }
                 }
                 Ok(Err(_)) | Err(_) => {
@@ -350,16 +409,26 @@ impl Contender {
         }
     }
 
-    /// A renewal found another revision: still ours (an earlier renewal whose answer was lost),
-    /// or gone (the bucket lost it: take it again, first come first served), or another's.
-    async fn recheck(&self, me: &str) -> Option<u64> {
+    /// A renewal found another revision: still ours (an earlier renewal whose answer was lost:
+    /// `(revision, false)`), or gone (the bucket lost it: taken again now, first come first
+    /// served: `(revision, true)`), or another's (`None`). `Err`: the bucket did not answer.
+    async fn recheck(&self, me: &str) -> Result<Option<(u64, bool)>, String> {
         let kv = self.cluster.kv();
-        match kv.entry(self.key.as_str()).await.ok()? {
+        match kv
+            .entry(self.key.as_str())
+            .await
+            .map_err(|e| e.to_string())?
+        {
             Some(e) if e.operation == Operation::Put => {
-                let v = serde_json::from_slice::<Value>(&e.value).ok()?;
-                (v.holder == me).then_some(e.revision)
+                let mine = serde_json::from_slice::<Value>(&e.value)
+                    .is_ok_and(|v| v.holder == me && v.session == self.session.id);
+                Ok(mine.then_some((e.revision, false)))
             }
-            _ => kv.create(self.key.as_str(), self.value(me)).await.ok(),
+            _ => Ok(kv
+                .create(self.key.as_str(), self.value(me))
+                .await
+                .ok()
+                .map(|r| (r, true))),
         }
     }
 
@@ -370,8 +439,11 @@ impl Contender {
         let kv = self.cluster.kv();
         if self.hand_back.load(Ordering::SeqCst) {
             let _ = kv.update(self.key.as_str(), self.value(""), revision).await;
-        } else {
-            let _ = kv.delete(self.key.as_str()).await;
+        } else if kv
+            .delete_expect_revision(self.key.as_str(), Some(revision))
+            .await
+            .is_ok()
+        {
             let _ = kv.purge(state_key(&self.session.id)).await;
         }
     }
@@ -388,12 +460,13 @@ mod tests {
 
     #[test]
     fn keys_name_the_connection_without_its_secrets() {
-        let a = key("comp", &["ws://h/x", "s3cret", "x-a=1"]);
-        assert_eq!(a, key("comp", &["ws://h/x", "s3cret", "x-a=1"]));
-        assert_ne!(a, key("comp", &["ws://h/x", "other", "x-a=1"]));
-        assert_ne!(a, key("comp2", &["ws://h/x", "s3cret", "x-a=1"]));
+        let a = key("comp", "ws://h/x", &["s3cret", "x-a=1"]);
+        assert_eq!(a, key("comp", "ws://h/x", &["s3cret", "x-a=1"]));
+        assert_ne!(a, key("comp", "ws://h/x", &["other", "x-a=1"]));
+        assert_ne!(a, key("comp2", "ws://h/x", &["s3cret", "x-a=1"]));
+        assert_ne!(a, key("comp", "ws://h/y", &["s3cret", "x-a=1"]));
         // Parts are separated: moving a boundary changes the key.
-        assert_ne!(key("c", &["ab", "c"]), key("c", &["a", "bc"]));
+        assert_ne!(key("c", "u", &["ab", "c"]), key("c", "u", &["a", "bc"]));
         assert!(!a.contains("s3cret") && a.len() == 34, "{a}");
     }
 

@@ -57,6 +57,7 @@ pub struct Gathered {
 struct Peer {
     seen: Instant,
     held: usize,
+    host: String,
 }
 
 #[derive(Default)]
@@ -76,8 +77,8 @@ struct Inner {
     kv: kv::Store,
     lease_ttl: Duration,
     peers: Mutex<HashMap<String, Peer>>,
-    /// Client connections this replica holds: lease key -> shown URI.
-    held: Mutex<BTreeMap<String, String>>,
+    /// Client connections this replica holds: lease key -> (shown URI, holder's token).
+    held: Mutex<BTreeMap<String, (String, u64)>>,
     counters: Counters,
     metrics: Arc<crate::metrics::Metrics>,
     tasks: Mutex<Vec<OwnedTask>>,
@@ -213,7 +214,7 @@ impl Cluster {
     async fn announce(&self, hello: bool, bye: bool) {
         let held = lock(&self.inner.held).len();
         let payload = serde_json::json!({
-            "replica": self.inner.replica, "held": held, "hello": hello, "bye": bye,
+            "replica": self.inner.replica, "host": self.inner.host, "held": held, "hello": hello, "bye": bye,
         });
         let _ = self
             .inner
@@ -244,12 +245,22 @@ impl Cluster {
             .get("held")
             .and_then(serde_json::Value::as_u64)
             .unwrap_or(0);
+        let host = v
+            .get("host")
+            .and_then(|h| h.as_str())
+            .unwrap_or_default()
+            .to_string();
+        // A host runs one replica: an earlier one on the same host is gone (a restart).
+        if !host.is_empty() {
+            peers.retain(|id, p| id == replica || p.host != host);
+        }
         let new = peers
             .insert(
                 replica.to_string(),
                 Peer {
                     seen: Instant::now(),
                     held: usize::try_from(held).unwrap_or(usize::MAX),
+                    host,
                 },
             )
             .is_none();
@@ -390,13 +401,14 @@ impl Cluster {
         }
     }
 
-    /// Sends `op` to every other replica and gathers their answers until all known ones
-    /// answered or `timeout` passed.
+    /// Sends `op` to every other replica (each has `budget` for its part) and gathers their
+    /// answers until all known ones answered or `timeout` passed.
     pub async fn call_all(
         &self,
         component: &str,
         op: &Op,
         body: &[u8],
+        budget: Duration,
         timeout: Duration,
     ) -> Gathered {
         let peers = self.peers();
@@ -432,7 +444,7 @@ impl Cluster {
                 wire::encode_call(
                     component,
                     None,
-                    u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                    u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
                     op,
                     body,
                 ),
@@ -472,12 +484,25 @@ impl Cluster {
         }
     }
 
-    pub(crate) fn hold(&self, key: &str, shown: &str) {
-        lock(&self.inner.held).insert(key.to_string(), shown.to_string());
+    pub(crate) fn hold(&self, key: &str, shown: &str, token: u64) {
+        lock(&self.inner.held).insert(key.to_string(), (shown.to_string(), token));
     }
 
-    pub(crate) fn release(&self, key: &str) {
-        lock(&self.inner.held).remove(key);
+    pub(crate) fn release(&self, key: &str, token: u64) {
+        let mut held = lock(&self.inner.held);
+        if held.get(key).is_some_and(|(_, t)| *t == token) {
+            held.remove(key);
+        }
+    }
+
+    /// The host this replica runs on.
+    pub fn host(&self) -> &str {
+        &self.inner.host
+    }
+
+    /// A replica that stopped renewing a lease is gone: fan-outs stop waiting for it now.
+    pub(crate) fn gone(&self, replica: &str) {
+        lock(&self.inner.peers).remove(replica);
     }
 
     pub(crate) fn counted_takeover(&self) {
@@ -506,7 +531,10 @@ impl Cluster {
     /// The health text: this replica, the others seen, the connections this one holds.
     pub fn summary(&self) -> String {
         let peers = self.peers();
-        let held: Vec<String> = lock(&self.inner.held).values().cloned().collect();
+        let held: Vec<String> = lock(&self.inner.held)
+            .values()
+            .map(|(shown, _)| shown.clone())
+            .collect();
         let others: Vec<String> = {
             let p = lock(&self.inner.peers);
             peers

@@ -18,6 +18,16 @@ use crate::provider::Remote;
 use crate::provider::WsProvider;
 use crate::session::Session;
 
+/// A publish on a link's own connection that no replica holds now: said so, not as an unknown
+/// session (the subject named none).
+fn not_held(error: String, id: &uuid::Uuid) -> String {
+    if error == format!("unknown session {id}") {
+        "the link's connection is not held by any provider replica now (a takeover may be under way)".to_string()
+    } else {
+        error
+    }
+}
+
 impl WsProvider {
     async fn publish_message(
         &self,
@@ -35,6 +45,18 @@ impl WsProvider {
         );
         match &target.remote {
             Remote::None => {}
+            Remote::Connection(id) => {
+                let op = Op::Publish {
+                    subject: target.subject.clone(),
+                    reply_to: msg.reply_to.clone(),
+                    frame_type: frame_code(target.frame_type),
+                };
+                return self
+                    .session_call(component, &id.to_string(), op, msg.body, FORWARD_TIMEOUT)
+                    .await
+                    .map(drop)
+                    .map_err(|e| not_held(e, id));
+            }
             Remote::Session(id) => {
                 let op = Op::Publish {
                     subject: target.subject.clone(),
@@ -53,10 +75,16 @@ impl WsProvider {
                     reply_to: msg.reply_to.clone(),
                     frame_type: frame_code(target.frame_type),
                 };
-                return self
-                    .all_write(component, op, msg.body, target.fanout_timeout)
-                    .await
-                    .map(drop);
+                let (reach, attempted) = self
+                    .all_write_counts(component, op, msg.body, target.fanout_timeout)
+                    .await?;
+                let delivered = reach.result()?;
+                return match attempted - delivered.min(attempted) {
+                    0 => Ok(()),
+                    failed => Err(format!(
+                        "{failed} of {attempted} sessions did not get the message"
+                    )),
+                };
             }
         }
         match target.sessions.as_slice() {
@@ -93,7 +121,7 @@ impl WsProvider {
     ) -> Result<BrokerMessage, String> {
         let (component, link_name) = caller(cx)?;
         let target = self.route_publish(component, link_name, subject)?;
-        if let Remote::Session(id) = target.remote {
+        if let Remote::Session(id) | Remote::Connection(id) = target.remote {
             let op = Op::Request {
                 subject: target.subject.clone(),
                 timeout_ms,

@@ -17,8 +17,9 @@ use crate::provider::WsProvider;
 use crate::session::{Mode, Session, SessionInfo};
 
 /// How long a call forwarded to a session's replica may take (a request: its own timeout, plus
-/// this).
-pub(super) const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// this): above the default `PUBLISH_WAIT_MS` and `WRITE_TIMEOUT_MS` together, which a write
+/// there may wait.
+pub(super) const FORWARD_TIMEOUT: Duration = Duration::from_secs(16);
 
 pub(super) fn frame_code(frame_type: Option<FrameType>) -> Option<u8> {
     frame_type.map(|f| match f {
@@ -163,7 +164,8 @@ impl WsProvider {
                 for r in &results {
                     self.count_publish(r);
                 }
-                json(count(&results))
+                // (delivered, attempted)
+                json((count(&results), results.len()))
             }
         };
         match op {
@@ -235,9 +237,17 @@ impl WsProvider {
         let timeout = Duration::from_millis(call.timeout_ms.min(600_000));
         match call.session {
             Some(id) => {
+                let on_connection = matches!(call.op, Op::Publish { .. } | Op::Request { .. });
                 let session = self
                     .registry()
                     .get_owned(&call.component, &id)
+                    .or_else(|| {
+                        // A publish on a link's own connection names it even when the link
+                        // does not track sessions.
+                        on_connection
+                            .then(|| self.registry().connection_of(&call.component, &id))
+                            .flatten()
+                    })
                     .ok_or_else(|| format!("unknown session {id}"))?;
                 self.on_session(session, &call.op, call.body).await
             }
@@ -288,7 +298,9 @@ impl WsProvider {
         }
     }
 
-    /// A lattice-wide call: this replica's answer first, then the others'.
+    /// A lattice-wide call: this replica's answer and the others', gathered at once. The others
+    /// get three quarters of `timeout` for their own part, so that their answers arrive within
+    /// it.
     pub(super) async fn all_call(
         &self,
         component: &str,
@@ -296,12 +308,13 @@ impl WsProvider {
         body: Bytes,
         timeout: Duration,
     ) -> Result<(Vec<Value>, usize, usize), String> {
-        let local = self.on_all(component, &op, body.clone(), timeout).await?;
-        let mut values = vec![local];
+        let local = self.on_all(component, &op, body.clone(), timeout);
         let Some(cluster) = self.cluster_now() else {
-            return Ok((values, 0, 0));
+            return Ok((vec![local.await?], 0, 0));
         };
-        let gathered = cluster.call_all(component, &op, &body, timeout).await;
+        let remote = cluster.call_all(component, &op, &body, timeout * 3 / 4, timeout);
+        let (local, gathered) = futures::future::join(local, remote).await;
+        let mut values = vec![local?];
         for answer in gathered.answers {
             values.push(answer?);
         }
@@ -316,17 +329,32 @@ impl WsProvider {
         body: Bytes,
         timeout: Duration,
     ) -> Result<u32, String> {
+        self.all_write_counts(component, op, body, timeout)
+            .await
+            .and_then(|(reach, _)| reach.result())
+    }
+
+    /// A lattice-wide write: its reach and how many sessions it was written to.
+    pub(super) async fn all_write_counts(
+        &self,
+        component: &str,
+        op: Op,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<(Reach, u32), String> {
         let (values, unreached, expected) = self.all_call(component, op, body, timeout).await?;
-        let mut delivered = 0u32;
+        let (mut delivered, mut attempted) = (0u32, 0u32);
         for v in values {
-            delivered = delivered.saturating_add(parse::<u32>(v)?);
+            let (d, a) = parse::<(u32, u32)>(v)?;
+            delivered = delivered.saturating_add(d);
+            attempted = attempted.saturating_add(a);
         }
-        Reach {
+        let reach = Reach {
             delivered,
             unreached,
             expected,
             timeout,
-        }
-        .result()
+        };
+        Ok((reach, attempted))
     }
 }

@@ -147,7 +147,7 @@ fn client_options(settings: &LinkSettings, client: &ClientSettings) -> ClientOpt
 impl Drop for ClientSocket {
     fn drop(&mut self) {
         // Dropping `task` cancels the socket task, which sends a close frame.
-        self.registry.remove(&self.session.id);
+        self.registry.remove_same(&self.session);
     }
 }
 

@@ -28,7 +28,7 @@ impl WsProvider {
             return Ok(conn);
         }
         let wrpc = self.wrpc_for(component).await?;
-        let shared = self.shared_connection(component, &client.endpoint).await;
+        let shared = self.shared_connection(component, &client.endpoint).await?;
         let mut links = self.links();
         // Another link may have opened it while the wRPC client was created.
         if let Some(conn) = links.connection_for(component, &client.endpoint) {
@@ -59,22 +59,33 @@ impl WsProvider {
         &self,
         component: &str,
         endpoint: &crate::config::Endpoint,
-    ) -> Option<crate::link::client::Shared> {
-        let cluster = self.cluster().await?;
+    ) -> anyhow::Result<Option<crate::link::client::Shared>> {
+        let Some(cluster) = self.cluster().await else {
+            return Ok(None);
+        };
         let headers: Vec<String> = endpoint
             .headers
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        let token = endpoint.auth_token.as_ref().map_or("", |t| t.expose());
-        let key =
-            crate::cluster::lease::key(component, &[&endpoint.uri, token, &headers.join("\n")]);
+        let token = endpoint
+            .auth_token
+            .as_ref()
+            .map_or(String::new(), |t| t.expose().to_string());
+        let (component_id, uri) = (component.to_string(), endpoint.uri.clone());
+        let secret = [token, headers.join("\n")];
+        let key = tokio::task::spawn_blocking(move || {
+            crate::cluster::lease::key(&component_id, &uri, &[&secret[0], &secret[1]])
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("lease key: {e}"))?;
         match cluster.connection_id(&key).await {
-            Ok(id) => Some(crate::link::client::Shared { cluster, key, id }),
-            Err(e) => {
-                error!(component, error = %e, "the connection's lease is not reachable; this replica connects on its own");
-                None
-            }
+            Ok(id) => Ok(Some(crate::link::client::Shared { cluster, key, id })),
+            // Connecting without the lease could open a second socket beside another
+            // replica's: refuse the link instead (health says why; a re-put retries).
+            Err(e) => Err(anyhow::anyhow!(
+                "cannot share the connection with the other replicas: {e}"
+            )),
         }
     }
 

@@ -30,17 +30,26 @@ impl WsProvider {
                     let provider = provider.clone();
                     Box::pin(async move { provider.serve_forwarded(call).await })
                 });
-                let joined = Cluster::start(
-                    nats,
-                    &host.lattice_rpc_prefix,
-                    &host.provider_key,
-                    &host.host_id,
-                    ttl,
-                    &self.inner.registry,
-                    Arc::clone(&self.inner.metrics),
-                    handler,
-                )
-                .await;
+                // A JetStream that is there but slow to answer gets three tries: running alone
+                // beside other replicas would open their client sockets twice.
+                let mut joined = Err(String::new());
+                for _ in 0..3 {
+                    joined = Cluster::start(
+                        nats.clone(),
+                        &host.lattice_rpc_prefix,
+                        &host.provider_key,
+                        &host.host_id,
+                        ttl,
+                        &self.inner.registry,
+                        Arc::clone(&self.inner.metrics),
+                        Arc::clone(&handler),
+                    )
+                    .await;
+                    match &joined {
+                        Err(e) if e.contains("did not answer") => continue,
+                        _ => break,
+                    }
+                }
                 if let Err(e) = &joined {
                     warn!(error = %e, "running alone: replicas on other hosts will not share sessions or client connections");
                 }

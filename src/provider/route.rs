@@ -27,6 +27,8 @@ pub enum Remote {
     None,
     /// The session is not here: the replica that holds it writes.
     Session(uuid::Uuid),
+    /// The link's own connection, which another replica holds (or none, during a takeover).
+    Connection(uuid::Uuid),
     /// The server link's clients on other replicas.
     ServerLink(String),
 }
@@ -88,7 +90,7 @@ impl WsProvider {
                     (clients, subject, remote)
                 }
                 Destination::Connection(session) if !session.is_here() => {
-                    (Vec::new(), subject, Remote::Session(session.id))
+                    (Vec::new(), subject, Remote::Connection(session.id))
                 }
                 Destination::Connection(session) => (vec![session], subject, Remote::None),
             };

@@ -23,25 +23,23 @@ pub struct Registry {
     groups: DashMap<(String, String), BTreeSet<Uuid>>,
     /// session -> the groups it is in.
     memberships: DashMap<Uuid, BTreeSet<String>>,
-    /// Told of every tracked session that comes and goes (the lattice's directory: a replica
+    /// Told of every session that comes and goes (the lattice's directory: a replica
     /// answers for the sessions it holds).
     observer: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<(Uuid, bool)>>,
 }
 
 impl Registry {
     pub fn insert(&self, session: Arc<Session>) {
-        let (id, tracking) = (session.id, session.tracking);
+        let id = session.id;
         self.sessions.insert(id, session);
-        if tracking {
-            self.tell(id, true);
-        }
+        self.tell(id, true);
     }
 
-    /// Sends `(id, true)` for each tracked session inserted from now on and those already
+    /// Sends `(id, true)` for each session inserted from now on and those already
     /// here, and `(id, false)` for each removed one. Set once.
     pub fn observe(&self, observer: tokio::sync::mpsc::UnboundedSender<(Uuid, bool)>) {
         if self.observer.set(observer).is_ok() {
-            for session in self.sessions.iter().filter(|s| s.tracking) {
+            for session in self.sessions.iter() {
                 self.tell(session.id, true);
             }
         }
@@ -51,6 +49,27 @@ impl Registry {
         if let Some(observer) = self.observer.get() {
             let _ = observer.send((id, present));
         }
+    }
+
+    /// Removes `session` if the registry holds this very session (not another handle under the
+    /// same ID: a client connection deleted and put again shares its ID).
+    pub fn remove_same(&self, session: &Arc<Session>) {
+        let same = self
+            .sessions
+            .get(&session.id)
+            .is_some_and(|s| Arc::ptr_eq(s.value(), session));
+        if same {
+            self.remove(&session.id);
+        }
+    }
+
+    /// A client-mode session of `component_id`, tracked or not (a publish on a link's own
+    /// connection names it by ID between replicas).
+    pub fn connection_of(&self, component_id: &str, id: &Uuid) -> Option<Arc<Session>> {
+        self.sessions
+            .get(id)
+            .filter(|s| s.component_id == component_id && s.mode == Mode::Client)
+            .map(|s| Arc::clone(s.value()))
     }
 
     /// Whether session `id` is here, whoever owns it.
@@ -71,9 +90,7 @@ impl Registry {
         let Some((_, session)) = self.sessions.remove(id) else {
             return;
         };
-        if session.tracking {
-            self.tell(*id, false);
-        }
+        self.tell(*id, false);
         // Requests waiting for this session's peer fail now, not at their timeout.
         session.replies.end_all();
         let groups = self

@@ -178,7 +178,7 @@ pub async fn run<S: FrameSink>(
                 match end {
                     End::Cancelled if cancel.is_cancelled() => return,
                     End::Cancelled => {
-                        info!(uri = %options.shown_uri, "another replica holds this connection now; socket closed");
+                        info!(uri = %options.shown_uri, "this replica let go of the connection's lease (another replica took it, or NATS was unreachable); socket closed");
                         disconnected(
                             &state,
                             &mut outbound,
