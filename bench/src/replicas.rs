@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, Result};
 use futures::StreamExt as _;
 
 use crate::load::{self, Pace, Sources, Target};

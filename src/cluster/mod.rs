@@ -32,6 +32,9 @@ use crate::session::Registry;
 use crate::task::OwnedTask;
 use wire::{Answer, Call, Op};
 
+/// How long joining waits for JetStream to create (or open) the bucket.
+const JETSTREAM_WAIT: Duration = Duration::from_secs(20);
+
 /// How often a replica says it is alive; a replica not heard for 3 of these is gone.
 pub const PRESENCE_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -132,15 +135,25 @@ impl Cluster {
             storage: async_nats::jetstream::stream::StorageType::File,
             ..Default::default()
         };
-        let kv =
-            match tokio::time::timeout(Duration::from_secs(5), js.create_key_value(config)).await {
-                Ok(Ok(kv)) => kv,
-                Ok(Err(create)) => match js.get_key_value(&bucket).await {
-                    Ok(kv) => kv,
-                    Err(_) => return Err(format!("no JetStream key-value bucket ({create})")),
-                },
-                Err(_) => return Err("JetStream did not answer within 5 s".into()),
-            };
+        // Creating a file-backed stream can take seconds on a busy server: wait for it, then
+        // look for the bucket (another replica may have made it meanwhile).
+        let created = tokio::time::timeout(JETSTREAM_WAIT, js.create_key_value(config)).await;
+        let kv = match created {
+            Ok(Ok(kv)) => kv,
+            Ok(Err(create)) => match js.get_key_value(&bucket).await {
+                Ok(kv) => kv,
+                Err(_) => return Err(format!("no JetStream key-value bucket ({create})")),
+            },
+            Err(_) => match js.get_key_value(&bucket).await {
+                Ok(kv) => kv,
+                Err(_) => {
+                    return Err(format!(
+                        "JetStream did not answer within {} s",
+                        JETSTREAM_WAIT.as_secs()
+                    ))
+                }
+            },
+        };
         let base = format!("wasmcloud-websocket.{}.{}", token(lattice), token(provider));
         let inner = Arc::new(Inner {
             replica: Uuid::new_v4().simple().to_string(),

@@ -30,10 +30,10 @@ impl WsProvider {
                     let provider = provider.clone();
                     Box::pin(async move { provider.serve_forwarded(call).await })
                 });
-                // A JetStream that is there but slow to answer gets three tries: running alone
+                // A JetStream that is there but slow to answer gets a second try: running alone
                 // beside other replicas would open their client sockets twice.
                 let mut joined = Err(String::new());
-                for _ in 0..3 {
+                for _ in 0..2 {
                     joined = Cluster::start(
                         nats.clone(),
                         &host.lattice_rpc_prefix,
