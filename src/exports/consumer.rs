@@ -45,28 +45,20 @@ impl WsProvider {
         );
         match &target.remote {
             Remote::None => {}
-            Remote::Connection(id) => {
+            Remote::Connection(id) | Remote::Session(id) => {
                 let op = Op::Publish {
                     subject: target.subject.clone(),
                     reply_to: msg.reply_to.clone(),
                     frame_type: frame_code(target.frame_type),
                 };
-                return self
-                    .session_call(component, &id.to_string(), op, msg.body, FORWARD_TIMEOUT)
-                    .await
-                    .map(drop)
-                    .map_err(|e| not_held(e, id));
-            }
-            Remote::Session(id) => {
-                let op = Op::Publish {
-                    subject: target.subject.clone(),
-                    reply_to: msg.reply_to.clone(),
-                    frame_type: frame_code(target.frame_type),
-                };
-                return self
+                let sent = self
                     .session_call(component, &id.to_string(), op, msg.body, FORWARD_TIMEOUT)
                     .await
                     .map(drop);
+                return match target.remote {
+                    Remote::Connection(_) => sent.map_err(|e| not_held(e, id)),
+                    _ => sent,
+                };
             }
             Remote::ServerLink(link) => {
                 let op = Op::ServerLink {

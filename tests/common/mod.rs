@@ -263,10 +263,22 @@ impl Env {
 
     /// Starts test component `name` under the ID `id`, with up to `count` instances at once.
     pub async fn component_scaled(&self, name: &str, id: &str, count: u32) -> Result<()> {
+        self.component_scaled_on(&self.host_id, name, id, count)
+            .await
+    }
+
+    /// [`Env::component_scaled`] on host `host_id` (this one or another of the lattice).
+    pub async fn component_scaled_on(
+        &self,
+        host_id: &str,
+        name: &str,
+        id: &str,
+        count: u32,
+    ) -> Result<()> {
         let path = component(name)?;
         assert_scale_component(
             &self.ctl,
-            &self.host_id,
+            host_id,
             format!("file://{}", path.display()),
             id,
             None,
@@ -275,7 +287,7 @@ impl Env {
             Duration::from_secs(60),
         )
         .await
-        .with_context(|| format!("failed to scale component {id}"))
+        .with_context(|| format!("failed to scale component {id} on {host_id}"))
     }
 
     pub async fn config(&self, name: &str, pairs: &[(&str, &str)]) -> Result<()> {
@@ -521,19 +533,7 @@ impl Env {
 
     /// Starts test component `name` as `id` on host `host_id` (another host of the lattice).
     pub async fn component_on(&self, host_id: &str, name: &str, id: &str) -> Result<()> {
-        let path = component(name)?;
-        assert_scale_component(
-            &self.ctl,
-            host_id,
-            format!("file://{}", path.display()),
-            id,
-            None,
-            4,
-            vec![],
-            Duration::from_secs(60),
-        )
-        .await
-        .with_context(|| format!("failed to scale component {id} on {host_id}"))
+        self.component_scaled_on(host_id, name, id, 4).await
     }
 
     /// The health messages of `replicas` replicas: one health request, answered by each.
