@@ -471,11 +471,7 @@ impl OtherHost {
 
 impl Drop for OtherHost {
     fn drop(&mut self) {
-        kill_children_matching(&self.host_id);
-        let cache = std::env::temp_dir()
-            .join("wasmcloudcache")
-            .join(&self.host_id);
-        let _ = std::fs::remove_dir_all(cache);
+        clean_up_host(&self.host_id);
     }
 }
 
@@ -566,16 +562,18 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        // A test that failed may not have stopped the host: kill the provider processes it
-        // started (they would otherwise outlive the test and keep reconnecting to NATS).
-        kill_children_matching(&self.host_id);
-        // The host extracts the provider binary from the PAR into this per-host cache and never
-        // removes it: about 100 MiB per test, which fills a disk over a few runs.
-        let cache = std::env::temp_dir()
-            .join("wasmcloudcache")
-            .join(&self.host_id);
-        let _ = std::fs::remove_dir_all(cache);
+        clean_up_host(&self.host_id);
     }
+}
+
+/// What a host leaves behind: a test that failed may not have stopped it, so the provider
+/// processes it started are killed (they would otherwise outlive the test and keep reconnecting
+/// to NATS); and the host extracts the provider binary from the PAR into a per-host cache it
+/// never removes (about 100 MiB per test, which fills a disk over a few runs).
+fn clean_up_host(host_id: &str) {
+    kill_children_matching(host_id);
+    let cache = std::env::temp_dir().join("wasmcloudcache").join(host_id);
+    let _ = std::fs::remove_dir_all(cache);
 }
 
 /// Kills child processes of this test process whose command line mentions `needle`.
