@@ -133,6 +133,7 @@ mod tests {
                 subject: "s".into(),
                 body: Bytes::from_static(b"hi"),
                 reply_to: Some("r".into()),
+                ack_id: None,
             })
         );
     }

@@ -9,8 +9,10 @@
 //!
 //! `subject` is a non-empty string; the body is either `body` (a UTF-8 string) or `body_base64`
 //! (standard base64), never both, and may be absent (empty body); `reply_to` is optional (a
-//! string or null). Other fields are ignored. A frame that breaks these rules is answered with
-//! an error frame: `{"error": {"code": "invalid_envelope", "message": "..."}}`.
+//! string or null). An envelope may carry an `id` (a string of 1 to [`MAX_ID_BYTES`] bytes) and
+//! `"ack": true`: the provider then answers it with one ack frame ([`ack_frame`]). Other fields
+//! are ignored. A frame that breaks these rules is answered with an error frame:
+//! `{"error": {"code": "invalid_envelope", "message": "..."}}`.
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -24,10 +26,17 @@ pub struct Envelope {
     pub subject: String,
     pub body: Bytes,
     pub reply_to: Option<String>,
+    /// The peer's ID of this message, when it wants it acknowledged (`"ack": true`).
+    pub ack_id: Option<String>,
 }
+
+/// The longest envelope `id`, in bytes.
+pub const MAX_ID_BYTES: usize = 128;
 
 #[derive(Deserialize)]
 struct Wire {
+    id: Option<serde_json::Value>,
+    ack: Option<serde_json::Value>,
     subject: Option<serde_json::Value>,
     body: Option<serde_json::Value>,
     body_base64: Option<serde_json::Value>,
@@ -81,11 +90,66 @@ pub fn decode(payload: &[u8]) -> Result<Envelope, String> {
         Some(serde_json::Value::String(s)) => Some(s),
         Some(_) => return Err("reply_to must be a string".to_string()),
     };
+    let ack = match wire.ack {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Bool(b)) => b,
+        Some(_) => return Err("ack must be true or false".to_string()),
+    };
+    let id = match wire.id {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= MAX_ID_BYTES => Some(s),
+        Some(serde_json::Value::String(_)) => {
+            return Err(format!("id must be 1 to {MAX_ID_BYTES} bytes"))
+        }
+        Some(_) => return Err("id must be a string".to_string()),
+    };
+    if ack && id.is_none() {
+        return Err("ack needs an id".to_string());
+    }
     Ok(Envelope {
         subject,
         body,
         reply_to,
+        ack_id: id.filter(|_| ack),
     })
+}
+
+/// Why an acknowledged envelope was not handled (the `code` of a failed ack).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotHandled {
+    /// No handler link took the frame in time (`HANDLER_WAIT_MS`).
+    NoHandler,
+    /// `handle-message` returned an error, trapped, or the call failed.
+    HandlerError,
+    /// `handle-message` did not finish within the handler timeout.
+    Timeout,
+    /// The handler link it was queued for was deleted first.
+    LinkDeleted,
+    /// Refused under backpressure or the inbound budget, or the session ended before delivery.
+    Refused,
+}
+
+impl NotHandled {
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::NoHandler => "no_handler",
+            Self::HandlerError => "handler_error",
+            Self::Timeout => "timeout",
+            Self::LinkDeleted => "link_deleted",
+            Self::Refused => "refused",
+        }
+    }
+}
+
+/// The answer to an acknowledged envelope: `{"ack": {"id", "ok": true}}`, or `ok: false` with
+/// `error: {code, message}`.
+pub fn ack_frame(id: &str, outcome: Result<(), (NotHandled, &str)>) -> String {
+    match outcome {
+        Ok(()) => serde_json::json!({"ack": {"id": id, "ok": true}}),
+        Err((reason, message)) => serde_json::json!({"ack": {"id": id, "ok": false,
+            "error": {"code": reason.code(), "message": message}}}),
+    }
+    .to_string()
 }
 
 /// Encodes an envelope: UTF-8 bodies as `body`, anything else as `body_base64`.
@@ -157,6 +221,44 @@ mod tests {
         let e = decode(br#"{"subject":"a","body_base64":"secret!!"}"#).expect_err("bad");
         assert!(!e.contains("secret"));
         assert!(error_frame(&e).contains("invalid_envelope"));
+    }
+
+    #[test]
+    fn ids_are_checked_and_kept_only_when_an_ack_is_asked_for() {
+        let env = decode(br#"{"subject":"a","id":"m1","ack":true}"#).expect("ok");
+        assert_eq!(env.ack_id.as_deref(), Some("m1"));
+        let env = decode(br#"{"subject":"a","id":"m1"}"#).expect("ok");
+        assert_eq!(env.ack_id, None);
+        let long = format!(r#"{{"subject":"a","id":"{}","ack":true}}"#, "x".repeat(129));
+        assert!(decode(long.as_bytes())
+            .expect_err("long")
+            .contains("1 to 128"));
+        let at_limit = format!(r#"{{"subject":"a","id":"{}","ack":true}}"#, "x".repeat(128));
+        assert!(decode(at_limit.as_bytes()).is_ok());
+        for (input, expected) in [
+            (r#"{"subject":"a","ack":true}"#, "ack needs an id"),
+            (r#"{"subject":"a","id":"","ack":true}"#, "1 to 128"),
+            (
+                r#"{"subject":"a","id":5,"ack":true}"#,
+                "id must be a string",
+            ),
+            (r#"{"subject":"a","id":"x","ack":"yes"}"#, "ack must be"),
+        ] {
+            assert!(
+                decode(input.as_bytes())
+                    .expect_err(input)
+                    .contains(expected),
+                "{input}"
+            );
+        }
+        let ok: serde_json::Value = serde_json::from_str(&ack_frame("m\"1", Ok(()))).expect("json");
+        assert_eq!(ok, serde_json::json!({"ack": {"id": "m\"1", "ok": true}}));
+        let failed: serde_json::Value =
+            serde_json::from_str(&ack_frame("m2", Err((NotHandled::Timeout, "late"))))
+                .expect("json");
+        assert_eq!(failed["ack"]["ok"], false);
+        assert_eq!(failed["ack"]["error"]["code"], "timeout");
+        assert_eq!(failed["ack"]["error"]["message"], "late");
     }
 
     #[test]

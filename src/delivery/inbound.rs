@@ -11,12 +11,14 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::warn;
 
+use super::ack::{write_answer, AckTicket};
 use super::budget::{component_share, reserve, try_reserve};
 use super::{Kind, Queued};
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
 use crate::codec;
-use crate::envelope;
+use crate::envelope::{self, NotHandled};
 use crate::metrics::{Metrics, Reason};
+use crate::session::acks::Begin;
 use crate::session::Session;
 use crate::ws::socket::FrameSink;
 
@@ -75,6 +77,8 @@ struct Decoded {
     subject: Option<String>,
     body: Bytes,
     reply_to: Option<String>,
+    /// The peer asked for an acknowledgment under this ID.
+    ack_id: Option<String>,
 }
 
 impl Inbound {
@@ -110,6 +114,7 @@ impl Inbound {
                     subject: None,
                     body,
                     reply_to: session.reply_to_for(None),
+                    ack_id: None,
                 })
             }
             Ok(codec::Inbound::Envelope(envelope)) => envelope,
@@ -128,12 +133,33 @@ impl Inbound {
                 return None;
             }
         };
-        let envelope = session.replies.resolve(envelope)?;
+        let ack_id = envelope.ack_id.clone();
+        let Some(envelope) = session.replies.resolve(envelope) else {
+            // A reply handed to the request waiting for it: handled.
+            if let Some(ticket) = ack_id.and_then(|id| self.ticket(id)) {
+                ticket.settle(Ok(()));
+            }
+            return None;
+        };
         Some(Decoded {
             subject: Some(envelope.subject),
             body: envelope.body,
             reply_to: session.reply_to_for(envelope.reply_to),
+            ack_id: envelope.ack_id,
         })
+    }
+
+    /// The ticket of an acknowledged envelope with `id`, or `None` when the ID is a retry inside
+    /// the window: then its answer is (or will be) written again, and it is not delivered again.
+    fn ticket(&self, id: String) -> Option<AckTicket> {
+        match self.session.acks.begin(&id) {
+            Begin::New => Some(AckTicket::new(Arc::clone(&self.session), id)),
+            Begin::Pending => None,
+            Begin::Repeat(frame) => {
+                write_answer(&self.session, &frame, 1);
+                None
+            }
+        }
     }
 
     /// A lifecycle message for handler link `link`, holding its share of the budget
@@ -154,6 +180,7 @@ impl Inbound {
             message,
             link: link.to_string(),
             _budget: Some(reserved),
+            ack: None,
         })
     }
 
@@ -181,6 +208,13 @@ impl FrameSink for Inbound {
         let Some(decoded) = self.decode(payload).await else {
             return;
         };
+        let mut ack = match decoded.ack_id.clone() {
+            Some(id) => match self.ticket(id) {
+                Some(ticket) => Some(ticket),
+                None => return,
+            },
+            None => None,
+        };
         let session = &self.session;
         // Waiting here keeps the socket unread: TCP holds the peer's next frames meanwhile.
         let route = match session.route() {
@@ -194,6 +228,15 @@ impl FrameSink for Inbound {
                             waited = ?self.handler_wait, more_since_last = held,
                             "frame arrived on a connection with no handler link, and none attached in time; not delivered");
                     }
+                    if let Some(ticket) = ack.take() {
+                        ticket.settle(Err((
+                            NotHandled::NoHandler,
+                            format!(
+                                "no handler link took the message within {} ms",
+                                self.handler_wait.as_millis()
+                            ),
+                        )));
+                    }
                     return;
                 }
             },
@@ -201,6 +244,12 @@ impl FrameSink for Inbound {
         *lock(&self.unrouted_since) = None;
         // Waiting for room in the budget is backpressure too.
         let Some(budget) = reserve(&self.share, len).await else {
+            if let Some(ticket) = ack.take() {
+                ticket.settle(Err((
+                    NotHandled::Refused,
+                    "the provider is stopping: no room in MAX_INBOUND_BYTES".to_string(),
+                )));
+            }
             return;
         };
         let message = BrokerMessage {
@@ -213,6 +262,7 @@ impl FrameSink for Inbound {
             message,
             link: route.link_name,
             _budget: Some(budget),
+            ack,
         };
         // Waiting here is the backpressure: the socket is not read while the queue is full.
         let _ = self.queue.send(Box::new(queued)).await;

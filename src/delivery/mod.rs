@@ -27,6 +27,7 @@
 //!   `ws.session.*`); invalid envelopes are answered with an error frame, logged at most once a
 //!   second per session (with the count), and each one gives up its turn on the runtime.
 
+mod ack;
 mod budget;
 mod inbound;
 
@@ -40,6 +41,7 @@ use tracing::{debug, debug_span, warn, Instrument as _};
 
 use crate::bindings::wasmcloud::messaging::handler;
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
+use crate::envelope::NotHandled;
 use crate::metrics::{Metrics, Outcome, Reason};
 use crate::session::Session;
 use crate::wrpc::ComponentClient;
@@ -59,6 +61,8 @@ pub struct Queued {
     pub link: String,
     /// Its share of the inbound budget, given back when it is delivered or dropped.
     pub(super) _budget: Option<Reserved>,
+    /// The answer owed to the peer, if it asked for an acknowledgment.
+    pub(super) ack: Option<ack::AckTicket>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,17 +171,13 @@ impl Delivery {
             self.overlapping(max_in_flight, queue).await;
         }
         if let Ok(farewell) = last.await {
-            if self.still_linked(&farewell) {
-                self.handle(&farewell.message, None).await;
-            }
+            self.deliver(farewell, None).await;
         }
     }
 
     async fn one_at_a_time(&self, mut queue: mpsc::Receiver<Box<Queued>>) {
         while let Some(queued) = queue.recv().await {
-            if self.still_linked(&queued) {
-                self.handle(&queued.message, None).await;
-            }
+            self.deliver(queued, None).await;
         }
     }
 
@@ -194,19 +194,16 @@ impl Delivery {
                 queued = queue.recv() => queued,
             };
             let Some(queued) = queued else { break };
-            if !self.still_linked(&queued) {
-                continue;
-            }
             if queued.kind == Kind::Lifecycle {
                 while running.next().await.is_some() {}
-                self.handle(&queued.message, None).await;
+                self.deliver(queued, None).await;
                 continue;
             }
             let (started_tx, mut started) = oneshot::channel();
             let this = &self;
             let mut call = Box::pin(async move {
                 // The queued item (and its share of the budget) lives until the call ends.
-                this.handle(&queued.message, Some(started_tx)).await;
+                this.deliver(queued, Some(started_tx)).await;
             });
             // The next message waits until this call has been published (or has finished);
             // meanwhile the calls already running go on.
@@ -225,22 +222,34 @@ impl Delivery {
         while running.next().await.is_some() {}
     }
 
-    /// Whether the handler link a message was queued for still exists; counts it if not.
-    fn still_linked(&self, queued: &Queued) -> bool {
-        if self.session.has_route(&queued.link) {
-            return true;
+    /// Delivers one queued message if its handler link still exists (else drops and counts it),
+    /// and answers its acknowledgment, if the peer asked for one.
+    async fn deliver(&self, mut queued: Box<Queued>, started: Option<oneshot::Sender<()>>) {
+        let outcome = if self.session.has_route(&queued.link) {
+            self.handle(&queued.message, started).await
+        } else {
+            self.metrics.undelivered(Reason::LinkDeleted);
+            debug!(session = %self.session.id, link = %queued.link, subject = %queued.message.subject,
+                "queued message dropped: its handler link was deleted");
+            Err((
+                NotHandled::LinkDeleted,
+                "the handler link was deleted before delivery".to_string(),
+            ))
+        };
+        if let Some(ticket) = queued.ack.take() {
+            ticket.settle(outcome);
         }
-        self.metrics.undelivered(Reason::LinkDeleted);
-        debug!(session = %self.session.id, link = %queued.link, subject = %queued.message.subject,
-            "queued message dropped: its handler link was deleted");
-        false
     }
 
     /// One `handle-message` call, bounded by the handler timeout; `started` is told once the
     /// call has been handed to NATS.
-    async fn handle(&self, message: &BrokerMessage, started: Option<oneshot::Sender<()>>) {
+    async fn handle(
+        &self,
+        message: &BrokerMessage,
+        started: Option<oneshot::Sender<()>>,
+    ) -> Result<(), (NotHandled, String)> {
         let Ok(_slot) = self.slots.acquire().await else {
-            return;
+            return Err((NotHandled::Refused, "the provider is stopping".to_string()));
         };
         let session = &self.session;
         let span = debug_span!("handle_message", session = %session.id,
@@ -264,19 +273,33 @@ impl Delivery {
         match result {
             Ok(Ok(Ok(()))) => {
                 debug!(session = %session.id, subject = %message.subject, "delivered");
+                Ok(())
             }
             Ok(Ok(Err(error))) => {
                 warn!(session = %session.id, subject = %message.subject, %error,
                     component = %session.component_id, "handle-message returned an error");
+                Err((NotHandled::HandlerError, error))
             }
             Ok(Err(error)) => {
                 warn!(session = %session.id, subject = %message.subject, error = %format!("{error:#}"),
                     component = %session.component_id, "handle-message call failed");
+                Err((
+                    NotHandled::HandlerError,
+                    "the call to the component failed (it trapped or could not be reached)"
+                        .to_string(),
+                ))
             }
             Err(_) => {
                 warn!(session = %session.id, subject = %message.subject,
                     component = %session.component_id, ?timeout,
                     "handle-message did not finish in time; counted as hung");
+                Err((
+                    NotHandled::Timeout,
+                    format!(
+                        "handle-message did not finish within {} ms",
+                        timeout.as_millis()
+                    ),
+                ))
             }
         }
     }

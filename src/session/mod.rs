@@ -3,6 +3,7 @@
 //! socket) and its [`Replies`] (requests waiting for the peer). Its groups are kept by the
 //! [`Registry`], which holds every live session.
 
+pub mod acks;
 mod outbox;
 mod registry;
 mod replies;
@@ -77,6 +78,8 @@ pub struct Session {
     pub request: Option<RequestInfo>,
     pub outbox: Outbox,
     pub replies: Replies,
+    /// Envelope IDs the peer asked to have acknowledged (JSON envelopes).
+    pub acks: acks::Acks,
     routes: Mutex<Vec<Route>>,
     /// Woken when a handler link attaches (see [`Session::wait_for_route`]).
     route_added: tokio::sync::Notify,
@@ -201,6 +204,7 @@ impl Session {
             request: options.request,
             outbox,
             replies: Replies::new(id),
+            acks: acks::Acks::default(),
             routes: Mutex::default(),
             route_added: tokio::sync::Notify::new(),
             metadata: Mutex::default(),
@@ -459,6 +463,7 @@ mod tests {
             subject: "x".into(),
             body: Bytes::new(),
             reply_to: None,
+            ack_id: None,
         };
         assert!(
             s.replies.resolve(other).is_some(),
@@ -468,6 +473,7 @@ mod tests {
             subject: "_INBOX.1".into(),
             body: Bytes::from_static(b"r"),
             reply_to: None,
+            ack_id: None,
         };
         assert!(s.replies.resolve(reply).is_none());
         assert_eq!(rx.try_recv().expect("resolved").body.as_ref(), b"r");
