@@ -30,6 +30,8 @@ pub struct Codec {
 pub enum Inbound {
     Raw(Bytes),
     Envelope(Envelope),
+    /// The peer's answer to an acknowledged send.
+    Ack(envelope::PeerAck),
 }
 
 impl Codec {
@@ -54,7 +56,10 @@ impl Codec {
         match self.format {
             Format::Raw => Ok(Inbound::Raw(payload)),
             Format::Json => {
-                let envelope = envelope::decode(&payload)?;
+                let envelope = match envelope::decode_frame(&payload)? {
+                    envelope::Frame::Message(envelope) => envelope,
+                    envelope::Frame::Ack(ack) => return Ok(Inbound::Ack(ack)),
+                };
                 if is_reserved(&envelope.subject) {
                     return Err(format!(
                         "subject {:?} is reserved for the provider's own messages",

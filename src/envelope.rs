@@ -47,11 +47,91 @@ struct Wire {
 struct WireOut<'a> {
     subject: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ack: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     body: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     body_base64: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reply_to: Option<&'a str>,
+}
+
+/// A peer's answer to an envelope the provider wrote with an `id` and `"ack": true`
+/// (`send-acked`): `{"ack": {"id": ..., "ok": true}}`, or `ok: false` with an optional
+/// `error: {"code", "message"}`. A missing `ok` means handled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerAck {
+    pub id: String,
+    pub outcome: Result<(), String>,
+}
+
+/// What one frame from a peer is: a message, or its answer to an acknowledged send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    Message(Envelope),
+    Ack(PeerAck),
+}
+
+/// Decodes one frame's payload: a message or an ack answer.
+pub fn decode_frame(payload: &[u8]) -> Result<Frame, String> {
+    // An ack answer has no subject and an object under "ack"; everything else is a message.
+    let starts_like_ack = payload.windows(6).take(64).any(|w| w == b"\"ack\":");
+    if starts_like_ack {
+        if let Ok(wire) = serde_json::from_slice::<AckWire>(payload) {
+            if wire.subject.is_none() {
+                if let Some(serde_json::Value::Object(ack)) = wire.ack {
+                    return peer_ack(&ack).map(Frame::Ack);
+                }
+            }
+        }
+    }
+    decode(payload).map(Frame::Message)
+}
+
+#[derive(Deserialize)]
+struct AckWire {
+    subject: Option<serde_json::Value>,
+    ack: Option<serde_json::Value>,
+}
+
+fn peer_ack(ack: &serde_json::Map<String, serde_json::Value>) -> Result<PeerAck, String> {
+    let id = match ack.get("id") {
+        Some(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= MAX_ID_BYTES => s.clone(),
+        _ => {
+            return Err(format!(
+                "ack.id must be a string of 1 to {MAX_ID_BYTES} bytes"
+            ))
+        }
+    };
+    let ok = match ack.get("ok") {
+        None | Some(serde_json::Value::Null) => true,
+        Some(serde_json::Value::Bool(b)) => *b,
+        Some(_) => return Err("ack.ok must be true or false".to_string()),
+    };
+    if ok {
+        return Ok(PeerAck {
+            id,
+            outcome: Ok(()),
+        });
+    }
+    let error = ack.get("error");
+    let text = |key: &str| {
+        error
+            .and_then(|e| e.get(key))
+            .and_then(|v| v.as_str())
+            .map(|s| s.chars().take(256).collect::<String>())
+    };
+    let reason = match (text("code"), text("message")) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(one), None) | (None, Some(one)) => one,
+        (None, None) => "no reason given".to_string(),
+    };
+    Ok(PeerAck {
+        id,
+        outcome: Err(reason),
+    })
 }
 
 /// Decodes one frame's payload. The error says what is wrong, never what the payload held.
@@ -154,12 +234,23 @@ pub fn ack_frame(id: &str, outcome: Result<(), (NotHandled, &str)>) -> String {
 
 /// Encodes an envelope: UTF-8 bodies as `body`, anything else as `body_base64`.
 pub fn encode(subject: &str, body: &[u8], reply_to: Option<&str>) -> String {
+    encode_with_id(subject, body, reply_to, None)
+}
+
+/// Encodes an envelope the peer is asked to acknowledge: with `id` and `"ack": true`.
+pub fn encode_acked(subject: &str, body: &[u8], reply_to: Option<&str>, id: &str) -> String {
+    encode_with_id(subject, body, reply_to, Some(id))
+}
+
+fn encode_with_id(subject: &str, body: &[u8], reply_to: Option<&str>, id: Option<&str>) -> String {
     let (text, b64) = match std::str::from_utf8(body) {
         Ok(text) => (Some(text), None),
         Err(_) => (None, Some(B64.encode(body))),
     };
     let out = WireOut {
         subject,
+        id,
+        ack: id.map(|_| true),
         body: text,
         body_base64: b64,
         reply_to,
@@ -259,6 +350,40 @@ mod tests {
         assert_eq!(failed["ack"]["ok"], false);
         assert_eq!(failed["ack"]["error"]["code"], "timeout");
         assert_eq!(failed["ack"]["error"]["message"], "late");
+    }
+
+    #[test]
+    fn peer_acks_are_told_apart_from_messages() {
+        let frame = |s: &str| decode_frame(s.as_bytes());
+        assert_eq!(
+            frame(r#"{"ack":{"id":"a1"}}"#),
+            Ok(Frame::Ack(PeerAck {
+                id: "a1".into(),
+                outcome: Ok(())
+            }))
+        );
+        assert_eq!(
+            frame(r#"{"ack":{"id":"a1","ok":false,"error":{"code":"busy","message":"later"}}}"#),
+            Ok(Frame::Ack(PeerAck {
+                id: "a1".into(),
+                outcome: Err("busy: later".into())
+            }))
+        );
+        assert!(frame(r#"{"ack":{"ok":true}}"#)
+            .expect_err("no id")
+            .contains("ack.id"));
+        assert!(frame(r#"{"ack":{"id":"a","ok":3}}"#).is_err());
+        assert!(
+            matches!(frame(r#"{"subject":"s","id":"m","ack":true}"#), Ok(Frame::Message(e)) if e.ack_id.as_deref() == Some("m"))
+        );
+        assert!(frame(r#"{"ack":true}"#)
+            .expect_err("neither")
+            .contains("subject is missing"));
+        let acked = encode_acked("s", b"hi", None, "x1");
+        assert_eq!(
+            decode(acked.as_bytes()).expect("decodes").ack_id.as_deref(),
+            Some("x1")
+        );
     }
 
     #[test]

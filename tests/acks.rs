@@ -161,3 +161,126 @@ async fn every_acked_envelope_gets_one_answer_with_the_handlers_outcome() -> Res
     peer.expect_silence(SILENCE).await?;
     env.stop().await
 }
+
+/// The session ID of a JSON peer, as the component sees it.
+async fn json_session_id(peer: &mut ClientPeer) -> Result<String> {
+    peer.send_json(json!({"subject": "x", "body": "!whoami"}))
+        .await?;
+    let subject = peer.recv_json().await?["body"]
+        .as_str()
+        .context("whoami")?
+        .to_string();
+    Ok(subject
+        .strip_prefix("ws.session.")
+        .context("a session subject")?
+        .to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn send_acked_returns_with_the_peers_answer_and_many_wait_at_once() -> Result<()> {
+    let env = Env::start().await?;
+    let url = env
+        .serve(
+            "sender",
+            "send-server",
+            &[("FORMAT", "json"), ("MAX_IN_FLIGHT", "4")],
+        )
+        .await?;
+    let mut peer = connect(&url, &[]).await?;
+    let id = json_session_id(&mut peer).await?;
+
+    // Three acknowledged sends wait at once; the peer answers them in reverse order.
+    for text in ["p1", "p2", "p3"] {
+        peer.send_json(json!({"subject": "x", "body": format!("!send-acked {id} 30000 {text}")}))
+            .await?;
+    }
+    let mut written = Vec::new();
+    for _ in 0..3 {
+        let frame = peer.recv_json().await?;
+        ensure!(
+            frame["ack"] == json!(true) && frame["subject"] == "direct",
+            "{frame}"
+        );
+        let msg_id = frame["id"].as_str().context("an id")?.to_string();
+        written.push((
+            frame["body"].as_str().unwrap_or_default().to_string(),
+            msg_id,
+        ));
+    }
+    written.sort();
+    let bodies: Vec<&str> = written.iter().map(|(b, _)| b.as_str()).collect();
+    assert_eq!(bodies, ["p1", "p2", "p3"]);
+    peer.expect_silence(SILENCE).await?;
+    let mut answered = Vec::new();
+    for (body, msg_id) in written.iter().rev() {
+        peer.send_json(json!({"ack": {"id": msg_id, "ok": true}}))
+            .await?;
+        answered.push(
+            peer.recv_json().await?["body"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+        assert_eq!(
+            answered.last().map(String::as_str),
+            Some(format!("ACKED {body}").as_str())
+        );
+    }
+
+    // A refusal is the call's error, with the peer's reason; so is silence past the timeout.
+    peer.send_json(json!({"subject": "x", "body": format!("!send-acked {id} 30000 no")}))
+        .await?;
+    let frame = peer.recv_json().await?;
+    let msg_id = frame["id"].as_str().context("an id")?.to_string();
+    peer.send_json(
+        json!({"ack": {"id": msg_id, "ok": false, "error": {"code": "busy", "message": "later"}}}),
+    )
+    .await?;
+    let answer = peer.recv_json().await?["body"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    ensure!(
+        answer.starts_with("ERR") && answer.contains("busy: later"),
+        "{answer}"
+    );
+    peer.send_json(json!({"subject": "x", "body": format!("!send-acked {id} 800 lost")}))
+        .await?;
+    let frame = peer.recv_json().await?;
+    ensure!(frame["body"] == "lost", "{frame}");
+    let answer = peer.recv_json().await?["body"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    ensure!(
+        answer.contains("did not acknowledge") && answer.contains("800 ms"),
+        "{answer}"
+    );
+    // A late answer to the send that timed out is ignored.
+    peer.send_json(json!({"ack": {"id": frame["id"]}})).await?;
+    peer.expect_silence(SILENCE).await?;
+
+    // A send waiting on a session that ends fails at once, not at its timeout.
+    let mut other = connect(&url, &[]).await?;
+    let other_id = json_session_id(&mut other).await?;
+    peer.send_json(json!({"subject": "x", "body": format!("!send-acked {other_id} 60000 bye")}))
+        .await?;
+    let frame = other.recv_json().await?;
+    ensure!(frame["body"] == "bye", "{frame}");
+    let started = std::time::Instant::now();
+    other.ws.close(None).await?;
+    let answer = peer.recv_json().await?["body"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    ensure!(
+        answer.contains("ended before its peer acknowledged"),
+        "{answer}"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(30),
+        "waited {:?}",
+        started.elapsed()
+    );
+    env.stop().await
+}

@@ -23,6 +23,12 @@ pub enum Op {
         timeout_ms: u32,
         frame_type: Option<u8>,
     },
+    /// Write the body as an envelope the peer is asked to acknowledge; the answer is its ack.
+    SendAcked {
+        subject: String,
+        reply_to: Option<String>,
+        timeout_ms: u32,
+    },
     Get,
     SetMetadata {
         key: String,

@@ -118,6 +118,13 @@ impl Inbound {
                 })
             }
             Ok(codec::Inbound::Envelope(envelope)) => envelope,
+            Ok(codec::Inbound::Ack(ack)) => {
+                if !session.replies.resolve_ack(&ack.id, ack.outcome) {
+                    tracing::debug!(session = %session.id,
+                        "ack for no waiting send (unknown id, or its send timed out)");
+                }
+                return None;
+            }
             Err(error) => {
                 self.metrics.undelivered(Reason::InvalidEnvelope);
                 if let Some(held) = self.invalid_log.allow(self.opened) {

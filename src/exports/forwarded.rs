@@ -115,6 +115,15 @@ impl WsProvider {
                     .await?;
                 json((reply.subject, reply.reply_to, reply.body.to_vec()))
             }
+            Op::SendAcked {
+                subject,
+                reply_to,
+                timeout_ms,
+            } => {
+                super::send_acked(&session, subject, &body, reply_to.as_deref(), *timeout_ms)
+                    .await?;
+                Ok(Value::Null)
+            }
             Op::Get => json(self.registry().info(&session)),
             Op::SetMetadata { key, value } => {
                 session.set_metadata(key.clone(), value.clone())?;

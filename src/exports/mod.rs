@@ -39,6 +39,50 @@ pub(super) async fn send_to(
         .await
 }
 
+/// Writes `body` to one session as an envelope with a fresh `id` and `"ack": true`, and waits
+/// up to `timeout_ms` for the peer's answer (`send-acked`).
+pub(super) async fn send_acked(
+    session: &Session,
+    subject: &str,
+    body: &[u8],
+    reply_to: Option<&str>,
+    timeout_ms: u32,
+) -> Result<(), String> {
+    if session.codec.format != crate::config::Format::Json {
+        return Err(format!(
+            "send-acked needs FORMAT=json on the link of session {}; raw frames carry no id",
+            session.id
+        ));
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let answer = session.replies.expect_ack(id.clone())?;
+    let frame = tokio_tungstenite::tungstenite::Message::text(crate::envelope::encode_acked(
+        subject, body, reply_to, &id,
+    ));
+    if let Err(e) = session.outbox.send(frame).await {
+        session.replies.forget_ack(&id);
+        return Err(e);
+    }
+    match tokio::time::timeout(Duration::from_millis(u64::from(timeout_ms)), answer).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(reason))) => Err(format!(
+            "the peer of session {} did not handle the message: {reason}",
+            session.id
+        )),
+        Ok(Err(_)) => Err(format!(
+            "session {} ended before its peer acknowledged the message",
+            session.id
+        )),
+        Err(_) => {
+            session.replies.forget_ack(&id);
+            Err(format!(
+                "the peer of session {} did not acknowledge the message within {timeout_ms} ms",
+                session.id
+            ))
+        }
+    }
+}
+
 /// The frame `msg` becomes on `session`, as its format and the frame type say.
 fn frame_of(
     session: &Session,

@@ -126,6 +126,31 @@ impl sessions::Handler<Option<Context>> for WsProvider {
         Ok(result)
     }
 
+    async fn send_acked(
+        &self,
+        cx: Option<Context>,
+        id: String,
+        msg: BrokerMessage,
+        timeout_ms: u32,
+    ) -> anyhow::Result<Result<(), String>> {
+        let op = Op::SendAcked {
+            subject: msg.subject,
+            reply_to: msg.reply_to,
+            timeout_ms,
+        };
+        let result = match caller(&cx) {
+            Ok((component, _)) => {
+                let wait = Duration::from_millis(u64::from(timeout_ms)) + FORWARD_TIMEOUT;
+                self.session_call(component, &id, op, msg.body, wait)
+                    .await
+                    .map(drop)
+            }
+            Err(e) => Err(e),
+        };
+        self.count_publish(&result);
+        Ok(result)
+    }
+
     async fn broadcast(
         &self,
         cx: Option<Context>,

@@ -16,13 +16,19 @@ pub const MAX_PENDING_REQUESTS: usize = 10_000;
 pub struct Replies {
     id: Uuid,
     pending: Mutex<HashMap<String, oneshot::Sender<Envelope>>>,
+    /// `send-acked` calls waiting for the peer's `{"ack": ...}`, by message ID.
+    acks: Mutex<HashMap<String, oneshot::Sender<Result<(), String>>>>,
 }
+
+/// What a peer's ack answer says: handled, or the peer's reason why not.
+pub type PeerOutcome = Result<(), String>;
 
 impl Replies {
     pub(super) fn new(id: Uuid) -> Self {
         Self {
             id,
             pending: Mutex::default(),
+            acks: Mutex::default(),
         }
     }
 
@@ -48,9 +54,40 @@ impl Replies {
         self.pending().remove(inbox);
     }
 
-    /// Ends every request waiting for a reply: the session is gone.
+    fn acks(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<PeerOutcome>>> {
+        self.acks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a `send-acked` call waiting for the peer's ack of message `id`.
+    pub fn expect_ack(&self, id: String) -> Result<oneshot::Receiver<PeerOutcome>, String> {
+        let mut acks = self.acks();
+        if acks.len() >= MAX_PENDING_REQUESTS {
+            return Err(format!(
+                "session {} already has {MAX_PENDING_REQUESTS} acknowledged sends waiting",
+                self.id
+            ));
+        }
+        let (tx, rx) = oneshot::channel();
+        acks.insert(id, tx);
+        Ok(rx)
+    }
+
+    pub fn forget_ack(&self, id: &str) {
+        self.acks().remove(id);
+    }
+
+    /// Hands the peer's ack of message `id` to the call waiting for it; `false` if none waits
+    /// (an unknown ID, or a call that gave up at its timeout).
+    pub fn resolve_ack(&self, id: &str, outcome: PeerOutcome) -> bool {
+        let waiting = self.acks().remove(id);
+        waiting.is_some_and(|tx| tx.send(outcome).is_ok())
+    }
+
+    /// Ends every request waiting for a reply and every send waiting for an ack: the session
+    /// is gone.
     pub(super) fn end_all(&self) {
         self.pending().clear();
+        self.acks().clear();
     }
 
     /// Hands `envelope` to the request waiting on its subject; gives it back if none waits.

@@ -6,7 +6,8 @@
 //! - `!whoami`: answers its own `reply_to`; `!subject`: answers the message's subject;
 //! - `!to <subject> <text>`: publishes `<text>` to `<subject>`;
 //! - `!list`: answers `LIST <n>` and one line `id|link|remote|connected|k=v,...` per session;
-//! - `!get <id>`, `!send <id> <text>`, `!broadcast <text>`, `!close <id> <code> <reason>`;
+//! - `!get <id>`, `!send <id> <text>`, `!send-acked <id> <timeout ms> <text>` (`ACKED <text>`),
+//!   `!broadcast <text>`, `!close <id> <code> <reason>`;
 //! - `!meta-set <id> <key> <value>`, `!meta-get <id> <key>`, `!meta-del <id> <key>`;
 //! - `!request <subject> <timeout-ms> <text>`: answers `REPLY <subject> <body>`;
 //! - `!join <id> <group>`, `!leave <id> <group>`, `!members <group>`, `!group-send <group> <text>`,
@@ -97,6 +98,13 @@ fn command(msg: &BrokerMessage, text: &str) -> Result<Option<String>, String> {
             let (id, body) = rest.split_once(' ').unwrap_or((rest, ""));
             sessions::send(id, &message("direct", body))?;
             Some("SENT".to_string())
+        }
+        "!send-acked" => {
+            let (id, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+            let (timeout, body) = rest.split_once(' ').unwrap_or((rest, ""));
+            let timeout = timeout.parse().map_err(|_| "timeout must be a number".to_string())?;
+            sessions::send_acked(id, &message("direct", body), timeout)?;
+            Some(format!("ACKED {body}"))
         }
         "!broadcast" => Some(format!(
             "BROADCAST {}",
