@@ -419,6 +419,10 @@ mod robustness {
             "\"body\"",
             "\"body_base64\"",
             "\"reply_to\"",
+            "\"ack\"",
+            "\"id\"",
+            "\"ok\"",
+            "\"error\"",
             "\"x\"",
             "null",
             "1",
@@ -435,6 +439,7 @@ mod robustness {
                 s.push_str(pieces[rng.usize(0..pieces.len())]);
             }
             let _ = decode(s.as_bytes());
+            let _ = decode_frame(s.as_bytes());
         }
     }
 

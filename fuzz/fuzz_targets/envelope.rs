@@ -9,8 +9,18 @@ mod envelope;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    // A peer's frame is a message or an ack answer; either way, no panic.
+    let _ = envelope::decode_frame(data);
     if let Ok(decoded) = envelope::decode(data) {
-        let frame = envelope::encode(&decoded.subject, &decoded.body, decoded.reply_to.as_deref());
+        let frame = match decoded.ack_id.as_deref() {
+            Some(id) => envelope::encode_acked(
+                &decoded.subject,
+                &decoded.body,
+                decoded.reply_to.as_deref(),
+                id,
+            ),
+            None => envelope::encode(&decoded.subject, &decoded.body, decoded.reply_to.as_deref()),
+        };
         let again = envelope::decode(frame.as_bytes()).expect("re-encoded envelopes decode");
         assert_eq!(again, decoded);
     }

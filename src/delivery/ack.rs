@@ -43,7 +43,13 @@ impl AckTicket {
             &self.id,
             outcome.as_ref().map_err(|(r, m)| (*r, m.as_str())).copied(),
         ));
-        let times = self.session.acks.finish(&self.id, Arc::clone(&frame));
+        // A retry gets the same answer only if the component got the message.
+        let times = match outcome {
+            Ok(()) | Err((NotHandled::Timeout, _)) => {
+                self.session.acks.finish(&self.id, Arc::clone(&frame))
+            }
+            Err(_) => self.session.acks.give_up(&self.id),
+        };
         write_answer(&self.session, &frame, times);
     }
 }
@@ -92,6 +98,79 @@ fn cut(mut message: String) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use tokio::sync::{mpsc, watch};
+
+    use super::AckTicket;
+    use crate::config::{Format, FrameType};
+    use crate::session::acks::Begin;
+    use crate::session::{Mode, Session, SessionOptions};
+    use crate::ws::socket::{ConnState, Outbound};
+
+    fn session() -> (
+        Arc<Session>,
+        mpsc::Receiver<Box<Outbound>>,
+        watch::Sender<ConnState>,
+    ) {
+        let (state_tx, state) = watch::channel(ConnState::Connected {
+            since: std::time::SystemTime::now(),
+        });
+        let (out, rx) = mpsc::channel(8);
+        let options = SessionOptions {
+            component_id: "c".into(),
+            mode: Mode::Server,
+            link_name: "l".into(),
+            remote: "peer".into(),
+            tracking: true,
+            frame_type: FrameType::Auto,
+            format: Format::Json,
+            request: None,
+            publish_wait: None,
+            max_waiting: 1,
+            write_timeout: std::time::Duration::from_secs(1),
+            close_slow: false,
+        };
+        (Arc::new(Session::new(options, state, out)), rx, state_tx)
+    }
+
+    fn written(rx: &mut mpsc::Receiver<Box<Outbound>>) -> Vec<serde_json::Value> {
+        let mut frames = Vec::new();
+        while let Ok(out) = rx.try_recv() {
+            let text = out.message.to_text().expect("text").to_string();
+            frames.push(serde_json::from_str(&text).expect("json"));
+        }
+        frames
+    }
+
+    #[test]
+    fn a_ticket_dropped_unsettled_answers_refused_once() {
+        let (session, mut rx, _state) = session();
+        assert_eq!(session.acks.begin("a"), Begin::New);
+        drop(AckTicket::new(Arc::clone(&session), "a".into()));
+        let frames = written(&mut rx);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        assert_eq!(frames[0]["ack"]["id"], "a");
+        assert_eq!(frames[0]["ack"]["error"]["code"], "refused");
+        assert_eq!(
+            session.acks.begin("a"),
+            Begin::New,
+            "not handled: delivered again"
+        );
+    }
+
+    #[test]
+    fn a_settled_ticket_answers_once_and_retries_get_the_same_answer() {
+        let (session, mut rx, _state) = session();
+        assert_eq!(session.acks.begin("b"), Begin::New);
+        AckTicket::new(Arc::clone(&session), "b".into()).settle(Ok(()));
+        assert_eq!(
+            written(&mut rx),
+            [serde_json::json!({"ack": {"id": "b", "ok": true}})]
+        );
+        assert!(matches!(session.acks.begin("b"), Begin::Repeat(_)));
+    }
+
     #[test]
     fn long_messages_are_cut_on_a_char_boundary() {
         let cut = super::cut("é".repeat(200));

@@ -2,6 +2,10 @@
 //! acknowledged, whether each is still being handled, and the answer given, so that a retried
 //! ID is answered again (once per retry) without a second delivery.
 //!
+//! Only answers that say the component got the message are remembered (`ok: true`, and a
+//! `timeout`, whose call may still finish): a message that was refused, found no handler, or
+//! whose handler returned an error is delivered again when retried.
+//!
 //! An answer is remembered for [`ACK_WINDOW`] or until [`ACK_WINDOW_ENTRIES`] newer answers
 //! have been given, whichever comes first; a retry after that is delivered as a new message.
 
@@ -68,6 +72,15 @@ impl Acks {
         }
     }
 
+    /// Forgets `id` after an answer a retry should not get again (the message was not handled);
+    /// returns how many times to write that answer, as [`Acks::finish`] does.
+    pub fn give_up(&self, id: &str) -> usize {
+        match self.lock().entries.remove(id) {
+            Some(Entry::Pending { repeats }) => 1 + repeats,
+            _ => 1,
+        }
+    }
+
     /// Records the answer to `id`; returns how many times to write it (1, plus one for each
     /// retry that arrived while it was being handled).
     pub fn finish(&self, id: &str, frame: Arc<str>) -> usize {
@@ -115,6 +128,13 @@ mod tests {
         );
         assert_eq!(acks.begin("a"), Begin::Repeat(Arc::from("A")));
         assert_eq!(acks.begin("b"), Begin::New);
+        assert_eq!(acks.begin("b"), Begin::Pending);
+        assert_eq!(acks.give_up("b"), 2);
+        assert_eq!(
+            acks.begin("b"),
+            Begin::New,
+            "a failed message is delivered again"
+        );
     }
 
     #[test]
