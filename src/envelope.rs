@@ -76,24 +76,12 @@ pub enum Frame {
 
 /// Decodes one frame's payload: a message or an ack answer.
 pub fn decode_frame(payload: &[u8]) -> Result<Frame, String> {
+    let wire = parse(payload)?;
     // An ack answer has no subject and an object under "ack"; everything else is a message.
-    let starts_like_ack = payload.windows(6).take(64).any(|w| w == b"\"ack\":");
-    if starts_like_ack {
-        if let Ok(wire) = serde_json::from_slice::<AckWire>(payload) {
-            if wire.subject.is_none() {
-                if let Some(serde_json::Value::Object(ack)) = wire.ack {
-                    return peer_ack(&ack).map(Frame::Ack);
-                }
-            }
-        }
+    if let (None, Some(serde_json::Value::Object(ack))) = (&wire.subject, &wire.ack) {
+        return peer_ack(ack).map(Frame::Ack);
     }
-    decode(payload).map(Frame::Message)
-}
-
-#[derive(Deserialize)]
-struct AckWire {
-    subject: Option<serde_json::Value>,
-    ack: Option<serde_json::Value>,
+    message(wire).map(Frame::Message)
 }
 
 fn peer_ack(ack: &serde_json::Map<String, serde_json::Value>) -> Result<PeerAck, String> {
@@ -136,17 +124,21 @@ fn peer_ack(ack: &serde_json::Map<String, serde_json::Value>) -> Result<PeerAck,
 
 /// Decodes one frame's payload. The error says what is wrong, never what the payload held.
 pub fn decode(payload: &[u8]) -> Result<Envelope, String> {
-    let wire: Wire = match serde_json::from_slice(payload) {
-        Ok(w) => w,
-        Err(e) if e.is_data() => return Err("envelope must be a JSON object".to_string()),
-        Err(e) => {
-            return Err(format!(
-                "not valid JSON (line {}, column {})",
-                e.line(),
-                e.column()
-            ))
+    message(parse(payload)?)
+}
+
+fn parse(payload: &[u8]) -> Result<Wire, String> {
+    serde_json::from_slice(payload).map_err(|e| {
+        if e.is_data() {
+            "envelope must be a JSON object".to_string()
+        } else {
+            format!("not valid JSON (line {}, column {})", e.line(), e.column())
         }
-    };
+    })
+}
+
+/// The message a parsed frame holds.
+fn message(wire: Wire) -> Result<Envelope, String> {
     let subject = match wire.subject {
         Some(serde_json::Value::String(s)) if !s.is_empty() => s,
         Some(serde_json::Value::String(_)) => return Err("subject is empty".to_string()),
