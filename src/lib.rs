@@ -12,6 +12,7 @@
 //!   session, lattice-wide fan-out, client connection leases (NATS, JetStream);
 //! - [`routing`]: where a publish goes, a pure function of the caller's links;
 //! - [`delivery`]: inbound frames to a component's `handle-message`;
+//! - [`recovery`]: sequence numbers, history (JetStream) and resume tokens of `RECOVERY=true`;
 //! - [`session`]: a session, its outbox and replies, and the registry (the only shared
 //!   state);
 //! - [`codec`]: frames <-> messages (raw or JSON envelope), decided once per session;
@@ -34,6 +35,7 @@ pub mod exports;
 pub mod link;
 pub mod metrics;
 pub mod provider;
+pub mod recovery;
 pub mod routing;
 pub mod session;
 pub mod task;

@@ -1,5 +1,7 @@
 //! A real browser: a page served on localhost, opened in headless Chromium, connects to a
-//! server-mode link with the query-parameter token, sends a message and shows the reply.
+//! server-mode link with the query-parameter token, sends a message and shows the reply; and the
+//! README's resuming client (`examples/browser/resuming-socket.js`) keeps its session across a
+//! network cut and gets every message it missed.
 
 mod common;
 
@@ -7,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
-use common::{free_port, Env};
+use common::{free_port, Blackhole, Env};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -31,9 +33,21 @@ ws.onerror = () => fetch("/result?ERROR");
 
 /// Serves the page and reports the query of each `/result?...` request.
 async fn http_server(listener: TcpListener, html: String, results: mpsc::UnboundedSender<String>) {
+    let (_command, commands) = tokio::sync::watch::channel(String::new());
+    http_server_with(listener, html, results, commands).await;
+}
+
+/// [`http_server`], also answering `/cmd` with the latest command for the page.
+async fn http_server_with(
+    listener: TcpListener,
+    html: String,
+    results: mpsc::UnboundedSender<String>,
+    commands: tokio::sync::watch::Receiver<String>,
+) {
     while let Ok((mut stream, _)) = listener.accept().await {
         let html = html.clone();
         let results = results.clone();
+        let command = commands.borrow().clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 8192];
             let n = stream.read(&mut buf).await.unwrap_or(0);
@@ -43,6 +57,11 @@ async fn http_server(listener: TcpListener, html: String, results: mpsc::Unbound
                 format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{html}",
                     html.len()
+                )
+            } else if target == "/cmd" {
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncache-control: no-store\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{command}",
+                    command.len()
                 )
             } else if let Some(query) = target.strip_prefix("/result?") {
                 let _ = results.send(query.to_string());
@@ -86,9 +105,25 @@ async fn a_browser_page_connects_with_the_query_token_and_shows_the_reply() -> R
 
     let (results_tx, mut results) = mpsc::unbounded_channel();
     let server = tokio::spawn(http_server(http, page(ws_port), results_tx));
+    let (_profile, _browser) = browser(&origin)?;
+
+    let shown = tokio::time::timeout(Duration::from_secs(60), results.recv())
+        .await
+        .context("the page reported nothing within 60 s")?
+        .context("result channel closed")?;
+    ensure!(
+        shown == "hello%20from%20the%20browser",
+        "the page shows {shown:?}"
+    );
+    server.abort();
+    env.stop().await
+}
+
+/// Headless Chromium opening `origin`/ with a fresh profile (kept until the browser is dropped).
+fn browser(origin: &str) -> Result<(tempfile::TempDir, tokio::process::Child)> {
     let profile = tempfile::tempdir()?;
     let chromium = std::env::var("CHROMIUM_BIN").unwrap_or_else(|_| "chromium".into());
-    let _browser = tokio::process::Command::new(&chromium)
+    let browser = tokio::process::Command::new(&chromium)
         .args([
             "--headless",
             "--no-sandbox",
@@ -108,15 +143,134 @@ async fn a_browser_page_connects_with_the_query_token_and_shows_the_reply() -> R
         .with_context(|| {
             format!("failed to start {chromium}: install Debian's chromium package")
         })?;
+    Ok((profile, browser))
+}
 
-    let shown = tokio::time::timeout(Duration::from_secs(60), results.recv())
-        .await
-        .context("the page reported nothing within 60 s")?
-        .context("result channel closed")?;
-    ensure!(
-        shown == "hello%20from%20the%20browser",
-        "the page shows {shown:?}"
+/// The README's resuming client, as a page: it reports its session frames and every message
+/// (`i:seq:body`, i counting in arrival order), and follows the test's `/cmd`.
+fn resuming_page(ws_url: &str) -> String {
+    let client = include_str!("../examples/browser/resuming-socket.js");
+    format!(
+        r#"<!doctype html>
+<html><body><script>{client}</script><script>
+const report = (q) => fetch("/result?" + q);
+let i = 0;
+const client = resumingSocket("{ws_url}/", {{
+  onSession: (s) => report("session=" + encodeURIComponent(JSON.stringify(s))),
+  onMessage: (m) => report("message=" + encodeURIComponent(`${{i++}}:${{m.seq}}:${{m.body}}`)),
+}});
+async function poll() {{
+  const command = await (await fetch("/cmd")).text();
+  if (command.startsWith("reconnect ")) {{ client.reconnect(command.slice(10)); return; }}
+  setTimeout(poll, 100);
+}}
+poll();
+</script></body></html>"#
+    )
+}
+
+/// Sends a command envelope and returns the body of the answer.
+async fn command(peer: &mut common::ws::ClientPeer, text: &str) -> Result<String> {
+    peer.send_json(serde_json::json!({"subject": "cmd", "body": text}))
+        .await?;
+    loop {
+        let answer = peer.recv_json().await?;
+        if answer.get("session").is_none() {
+            return Ok(answer["body"].as_str().unwrap_or_default().to_string());
+        }
+    }
+}
+
+/// The next report of the page that starts with `kind=`, URL-decoded.
+async fn next_report(results: &mut mpsc::UnboundedReceiver<String>, kind: &str) -> Result<String> {
+    loop {
+        let report = tokio::time::timeout(Duration::from_secs(60), results.recv())
+            .await
+            .with_context(|| format!("the page reported no {kind} within 60 s"))?
+            .context("result channel closed")?;
+        if let Some(value) = report.strip_prefix(&format!("{kind}=")) {
+            return Ok(url::form_urlencoded::parse(format!("v={value}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_readme_client_in_a_browser_resumes_after_a_cut_and_misses_nothing() -> Result<()> {
+    let env = Env::start().await?;
+    let url = env
+        .serve(
+            "web-rec",
+            "web-rec-server",
+            &[("FORMAT", "json"), ("RECOVERY", "true")],
+        )
+        .await?;
+    let proxy = Blackhole::start(&url).await?;
+    let http = TcpListener::bind("127.0.0.1:0").await?;
+    let origin = format!("http://127.0.0.1:{}", http.local_addr()?.port());
+    let (results_tx, mut results) = mpsc::unbounded_channel();
+    let (command_tx, commands) = tokio::sync::watch::channel(String::new());
+    let server = tokio::spawn(http_server_with(
+        http,
+        resuming_page(&proxy.url),
+        results_tx,
+        commands,
+    ));
+    let (_profile, _browser) = browser(&origin)?;
+
+    let session: serde_json::Value =
+        serde_json::from_str(&next_report(&mut results, "session").await?)?;
+    ensure!(session["resumed"] == false, "{session}");
+    let id = session["id"].as_str().context("session id")?.to_string();
+    let mut controller = common::ws::connect(&format!("{url}/"), &[]).await?;
+    assert_eq!(
+        command(&mut controller, &format!("!join {id} room")).await?,
+        "JOINED"
     );
+    assert_eq!(
+        command(&mut controller, &format!("!send {id} before")).await?,
+        "SENT"
+    );
+    assert_eq!(next_report(&mut results, "message").await?, "0:1:before");
+
+    // The page's network drops (nothing passes, nothing closes); 100 messages meanwhile.
+    proxy.cut();
+    let mut expected = Vec::new();
+    for i in 0..50 {
+        assert_eq!(
+            command(&mut controller, &format!("!send {id} d{i}")).await?,
+            "SENT"
+        );
+        expected.push(format!("d{i}"));
+        assert_eq!(
+            command(&mut controller, &format!("!group-send room g{i}")).await?,
+            "GROUP 1"
+        );
+        expected.push(format!("g{i}"));
+    }
+    // The network is back, by another route: the page resumes.
+    command_tx.send_replace(format!("reconnect {url}"));
+    let resumed: serde_json::Value =
+        serde_json::from_str(&next_report(&mut results, "session").await?)?;
+    ensure!(resumed["id"] == id.as_str(), "{resumed}");
+    ensure!(
+        resumed["resumed"] == true && resumed["recovered"] == true,
+        "{resumed}"
+    );
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        got.push(next_report(&mut results, "message").await?);
+    }
+    // Reports are fetches and may arrive out of order: sort by the page's own count.
+    got.sort_by_key(|r| r.split(':').next().and_then(|i| i.parse::<u32>().ok()));
+    let want: Vec<String> = expected
+        .iter()
+        .enumerate()
+        .map(|(i, body)| format!("{}:{}:{body}", i + 1, i + 2))
+        .collect();
+    assert_eq!(got, want, "every missed message, once, in order");
     server.abort();
     env.stop().await
 }

@@ -28,6 +28,16 @@ pub enum Format {
     Json,
 }
 
+/// `RECOVERY=true`: what a session's history keeps (see the `recovery` module).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recovery {
+    /// Messages kept per session (`HISTORY_SIZE`).
+    pub history_size: usize,
+    /// How long a message is kept, and how long a dropped session waits for its client to
+    /// resume it (`HISTORY_TTL_SEC`).
+    pub history_ttl: Duration,
+}
+
 /// Keepalive settings of one socket.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Keepalive {
@@ -56,7 +66,28 @@ pub(super) fn parse(values: &Values<'_>, mode: Mode) -> Result<LinkSettings, Con
         fanout_timeout: values.millis(FANOUT_TIMEOUT_MS, DEFAULT_FANOUT_TIMEOUT)?,
         handler_wait: values.millis(HANDLER_WAIT_MS, DEFAULT_HANDLER_WAIT)?,
         close_slow_consumers: close_slow_consumers(values)?,
+        recovery: recovery(values)?,
     })
+}
+
+/// `RECOVERY`, `HISTORY_SIZE` and `HISTORY_TTL_SEC`; recovery needs `FORMAT=json` (a message's
+/// sequence number travels in its envelope).
+fn recovery(values: &Values<'_>) -> Result<Option<Recovery>, ConfigError> {
+    let history_size = values.count(HISTORY_SIZE, DEFAULT_HISTORY_SIZE)?;
+    let history_ttl = values.seconds(HISTORY_TTL_SEC, DEFAULT_HISTORY_TTL)?;
+    if !values.flag(RECOVERY, false)? {
+        return Ok(None);
+    }
+    if format(values)? != Format::Json {
+        return Err(err(
+            RECOVERY,
+            "needs FORMAT=json: sequence numbers and resume tokens travel in JSON envelopes",
+        ));
+    }
+    Ok(Some(Recovery {
+        history_size,
+        history_ttl,
+    }))
 }
 
 fn frame_type(values: &Values<'_>) -> Result<FrameType, ConfigError> {
@@ -128,6 +159,48 @@ mod tests {
         assert_eq!(s.write_timeout, DEFAULT_WRITE_TIMEOUT);
         assert_eq!(s.fanout_timeout, DEFAULT_FANOUT_TIMEOUT);
         assert_eq!(s.handler_wait, DEFAULT_HANDLER_WAIT);
+        assert_eq!(s.recovery, None);
+    }
+
+    #[test]
+    fn recovery_needs_json_and_bounded_history() {
+        let r = parse(&[], &[("recovery", "true"), ("format", "json")]).expect("parse");
+        assert_eq!(
+            r.recovery,
+            Some(Recovery {
+                history_size: DEFAULT_HISTORY_SIZE,
+                history_ttl: DEFAULT_HISTORY_TTL
+            })
+        );
+        let r = parse(
+            &[],
+            &[
+                ("RECOVERY", "on"),
+                ("FORMAT", "json"),
+                ("HISTORY_SIZE", "5"),
+                ("HISTORY_TTL_SEC", "2"),
+            ],
+        )
+        .expect("parse");
+        assert_eq!(
+            r.recovery,
+            Some(Recovery {
+                history_size: 5,
+                history_ttl: Duration::from_secs(2)
+            })
+        );
+        let e = parse(&[], &[("RECOVERY", "true")]).expect_err("raw");
+        assert!(e.to_string().contains("FORMAT=json"), "{e}");
+        for (key, bad) in [
+            (HISTORY_SIZE, "0"),
+            (HISTORY_SIZE, "100001"),
+            (HISTORY_TTL_SEC, "0"),
+            (RECOVERY, "maybe"),
+        ] {
+            let e =
+                parse(&[], &[("FORMAT", "json"), (RECOVERY, "true"), (key, bad)]).expect_err(bad);
+            assert!(e.to_string().contains(key), "{e}");
+        }
     }
 
     #[test]

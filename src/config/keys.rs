@@ -34,6 +34,11 @@ pub const SEND_QUEUE_LEN: &str = "SEND_QUEUE_LEN";
 pub const MAX_IN_FLIGHT: &str = "MAX_IN_FLIGHT";
 pub const FANOUT_TIMEOUT_MS: &str = "FANOUT_TIMEOUT_MS";
 pub const HANDLER_WAIT_MS: &str = "HANDLER_WAIT_MS";
+/// `FORMAT=json` only: sequence numbers, history and resume tokens (server mode), messages kept
+/// across a reconnect (client mode).
+pub const RECOVERY: &str = "RECOVERY";
+pub const HISTORY_SIZE: &str = "HISTORY_SIZE";
+pub const HISTORY_TTL_SEC: &str = "HISTORY_TTL_SEC";
 
 // Server mode.
 pub const LISTEN_ADDRESS: &str = "LISTEN_ADDRESS";
@@ -79,6 +84,10 @@ pub const DEFAULT_HANDLER_WAIT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_INBOUND_BYTES: u64 = 256 * 1024 * 1024;
 /// A replica that stopped renewing a client connection's lease loses it after this long.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+/// Messages kept per session with `RECOVERY=true` (`HISTORY_SIZE`).
+pub const DEFAULT_HISTORY_SIZE: usize = 1000;
+/// How long they are kept, and how long a dropped session waits to be resumed (`HISTORY_TTL_SEC`).
+pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(120);
 /// Default of `HANDSHAKE_TIMEOUT_SEC`; range 1..=300.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default of `MAX_PENDING_HANDSHAKES`; range 1..=65536.
@@ -109,6 +118,8 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     (HANDSHAKE_TIMEOUT_SEC, 1, 300),
     (MAX_PENDING_HANDSHAKES, 1, 65_536),
     (MAX_HANDSHAKES_PER_ADDRESS, 1, 65_536),
+    (HISTORY_SIZE, 1, 100_000),
+    (HISTORY_TTL_SEC, 1, 86_400),
 ];
 
 /// Parses `value` as a whole number within `key`'s range (see [`RANGES`]).

@@ -23,7 +23,7 @@ use std::fmt;
 use std::time::Duration;
 
 pub use client::{ClientSettings, Endpoint};
-pub use common::{Format, FrameType, Keepalive};
+pub use common::{Format, FrameType, Keepalive, Recovery};
 pub use keys::*;
 pub use secrets::{redact_uri, Secret, Secrets};
 pub use server::ServerSettings;
@@ -83,6 +83,8 @@ pub struct LinkSettings {
     pub fanout_timeout: Duration,
     /// How long a socket without a handler link waits, unread, for one.
     pub handler_wait: Duration,
+    /// `RECOVERY=true` (`FORMAT=json` only): sequence numbers, history and resume tokens.
+    pub recovery: Option<Recovery>,
 }
 
 impl LinkSettings {

@@ -130,6 +130,7 @@ mod tests {
             max_waiting: 1,
             write_timeout: std::time::Duration::from_secs(1),
             close_slow: false,
+            recovery: None,
         };
         (Arc::new(Session::new(options, state, out)), rx, state_tx)
     }

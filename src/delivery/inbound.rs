@@ -294,4 +294,8 @@ impl FrameSink for Inbound {
     fn reconnected(&self) {
         self.metrics.reconnected();
     }
+
+    fn pong(&self) {
+        self.session.outbox.ponged();
+    }
 }

@@ -166,7 +166,7 @@ impl WsProvider {
         let frame = session
             .codec
             .encode(subject, body, Some(&inbox), frame_type)?;
-        if let Err(e) = session.outbox.send(frame).await {
+        if let Err(e) = session.outbox.publish(frame).await {
             session.replies.forget(&inbox);
             return Err(e);
         }

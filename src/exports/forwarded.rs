@@ -200,7 +200,7 @@ impl WsProvider {
                 let sessions = self
                     .owned_sessions(component)
                     .into_iter()
-                    .filter(|s| s.outbox.is_connected())
+                    .filter(|s| s.outbox.reachable())
                     .collect();
                 write(sessions, subject, reply_to, None).await
             }
@@ -213,7 +213,7 @@ impl WsProvider {
                     .registry()
                     .group_members(component, group)
                     .into_iter()
-                    .filter(|s| s.outbox.is_connected())
+                    .filter(|s| s.outbox.reachable())
                     .collect();
                 write(sessions, subject, reply_to, None).await
             }

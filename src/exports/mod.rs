@@ -35,7 +35,7 @@ pub(super) async fn send_to(
 ) -> Result<(), String> {
     session
         .outbox
-        .send(frame_of(session, subject, msg, frame_type)?)
+        .publish(frame_of(session, subject, msg, frame_type)?)
         .await
 }
 
@@ -59,7 +59,7 @@ pub(super) async fn send_acked(
     let frame = tokio_tungstenite::tungstenite::Message::text(crate::envelope::encode_acked(
         subject, body, reply_to, &id,
     ));
-    if let Err(e) = session.outbox.send(frame).await {
+    if let Err(e) = session.outbox.publish(frame).await {
         session.replies.forget_ack(&id);
         return Err(e);
     }

@@ -149,6 +149,16 @@ impl WsProvider {
         let wrpc = self.wrpc_for(component).await?;
         // A re-put replaces the link: the old listener lets go of its address first.
         self.stop_handler_link(&key).await;
+        let history = match settings.recovery {
+            Some(recovery) => match self.history(component, link_name, recovery).await {
+                Ok(history) => Some(history),
+                Err(e) => {
+                    self.record_error(Direction::Handler, key, e.clone());
+                    anyhow::bail!(e);
+                }
+            },
+            None => None,
+        };
         let listener = match Listener::start(
             component,
             link_name,
@@ -156,6 +166,7 @@ impl WsProvider {
             wrpc,
             Arc::clone(&self.inner.registry),
             Arc::clone(&self.inner.metrics),
+            history.clone(),
         )
         .await
         {
@@ -169,8 +180,36 @@ impl WsProvider {
         let subject = settings.inbound_subject(link_name);
         let mut links = self.links();
         links.errors.remove(&(Direction::Handler, key.clone()));
-        links.servers.insert(key, ServerLink { listener, subject });
+        links.servers.insert(
+            key,
+            ServerLink {
+                listener,
+                subject,
+                history,
+            },
+        );
         Ok(())
+    }
+
+    /// The history of a link with `RECOVERY=true`, in the lattice's JetStream.
+    async fn history(
+        &self,
+        component: &str,
+        link_name: &str,
+        recovery: crate::config::Recovery,
+    ) -> Result<Arc<crate::recovery::History>, String> {
+        let host =
+            wasmcloud_provider_sdk::load_host_data().map_err(|e| format!("no host data: {e}"))?;
+        let nats = (*wasmcloud_provider_sdk::get_connection().nats).clone();
+        crate::recovery::History::open(
+            nats,
+            &host.lattice_rpc_prefix,
+            &host.provider_key,
+            crate::recovery::link_tag(component, link_name),
+            recovery,
+        )
+        .await
+        .map(Arc::new)
     }
 
     pub(super) async fn put_consumer_link(
@@ -250,6 +289,9 @@ impl WsProvider {
             session.remove_route(link_name);
         }
         server.listener.close(SHUTDOWN_GRACE).await;
+        if let Some(history) = server.history {
+            history.delete().await;
+        }
     }
 
     pub(super) async fn remove_link(&self, direction: Direction, component: &str, link_name: &str) {

@@ -66,6 +66,8 @@ pub(super) struct SessionsLink {
 pub(super) struct ServerLink {
     pub(super) listener: Arc<Listener>,
     pub(super) subject: String,
+    /// `RECOVERY=true`: the link's history (its stream is deleted with the link).
+    pub(super) history: Option<Arc<crate::recovery::History>>,
 }
 
 #[derive(Default)]

@@ -129,6 +129,8 @@ pub struct SessionOptions {
     pub write_timeout: std::time::Duration,
     /// Close a slow consumer's socket (`SLOW_CONSUMER=close`) instead of failing the publish only.
     pub close_slow: bool,
+    /// `RECOVERY=true`: the session's numbering and history.
+    pub recovery: Option<std::sync::Arc<crate::recovery::Sequencer>>,
 }
 
 impl SessionOptions {
@@ -154,6 +156,7 @@ impl SessionOptions {
             max_waiting: 0,
             write_timeout: settings.write_timeout,
             close_slow: settings.close_slow_consumers,
+            recovery: None,
         }
     }
 }
@@ -368,6 +371,7 @@ mod tests {
                 max_waiting: 1,
                 write_timeout: std::time::Duration::from_secs(1),
                 close_slow: false,
+                recovery: None,
             },
             state,
             out,

@@ -1,17 +1,27 @@
 //! A session's way out: its bounded queue to the socket task, the slow-consumer policy, and
-//! the wait for a client connection to come back.
+//! the wait for a client connection to come back. With recovery, a message is numbered and
+//! kept in the history as it is queued ([`Outbox::publish`]), and a server session's queue is
+//! replaced by each resumed connection's ([`Outbox::attach`]).
+
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
+use crate::recovery::{with_seq, Sequencer};
 use crate::ws::socket::{ConnState, Outbound};
 
 /// The sending half of one session's socket, and the state the socket task reports.
 pub struct Outbox {
     id: Uuid,
     state: watch::Receiver<ConnState>,
-    outbound: mpsc::Sender<Box<Outbound>>,
+    /// Replaced when a recoverable session's client resumes on a new socket.
+    outbound: Mutex<mpsc::Sender<Box<Outbound>>>,
+    /// `RECOVERY=true`: numbers and keeps every message ([`Outbox::publish`]).
+    recovery: Option<Arc<Sequencer>>,
+    /// Woken by every pong of the peer (see [`Outbox::probe`]).
+    pongs: Notify,
     /// Client sessions reconnect: a publish while disconnected waits this long (`None`: it
     /// fails at once).
     publish_wait: Option<std::time::Duration>,
@@ -31,13 +41,64 @@ impl Outbox {
         Self {
             id,
             state,
-            outbound,
+            outbound: Mutex::new(outbound),
+            recovery: options.recovery.clone(),
+            pongs: Notify::new(),
             publish_wait: options.publish_wait,
             waiting: Semaphore::new(options.max_waiting),
             write_timeout: options.write_timeout,
             close_slow: options.close_slow,
             kick: Notify::new(),
         }
+    }
+
+    fn sender(&self) -> mpsc::Sender<Box<Outbound>> {
+        self.outbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The session's numbering, when its link has `RECOVERY=true`.
+    pub fn recovery(&self) -> Option<&Arc<Sequencer>> {
+        self.recovery.as_ref()
+    }
+
+    /// Writes from now on go to `outbound` (a resumed client's new socket).
+    pub fn attach(&self, outbound: mpsc::Sender<Box<Outbound>>) {
+        *self.outbound.lock().unwrap_or_else(|e| e.into_inner()) = outbound;
+    }
+
+    /// Writes from now on find no socket (a recoverable session waiting for its client).
+    pub fn detach(&self) {
+        let (closed, _) = mpsc::channel(1);
+        self.attach(closed);
+    }
+
+    /// The peer answered a ping.
+    pub fn ponged(&self) {
+        self.pongs.notify_waiters();
+    }
+
+    /// Whether the peer answers a ping within `wait`: a socket whose peer vanished without a
+    /// close (TCP cut) looks open until its keepalive notices.
+    pub async fn probe(&self, wait: std::time::Duration) -> bool {
+        use tokio_tungstenite::tungstenite::Bytes;
+        let pong = self.pongs.notified();
+        tokio::pin!(pong);
+        pong.as_mut().enable();
+        let ping = Message::Ping(Bytes::from_static(b"probe"));
+        if self
+            .sender()
+            .try_send(Box::new(Outbound {
+                message: ping,
+                ack: None,
+            }))
+            .is_err()
+        {
+            return false;
+        }
+        tokio::time::timeout(wait, pong).await.is_ok()
     }
 
     pub fn state(&self) -> ConnState {
@@ -48,6 +109,12 @@ impl Outbox {
         matches!(*self.state.borrow(), ConnState::Connected { .. })
     }
 
+    /// Whether a message sent now reaches the peer: its socket is connected, or (recovery) the
+    /// message is kept for its resume.
+    pub fn reachable(&self) -> bool {
+        self.recovery.is_some() || self.is_connected()
+    }
+
     /// Since when the socket has been connected, in milliseconds since the Unix epoch.
     pub fn connected_since_ms(&self) -> Option<u64> {
         match *self.state.borrow() {
@@ -56,6 +123,86 @@ impl Outbox {
                 .ok()
                 .and_then(|d| u64::try_from(d.as_millis()).ok()),
             _ => None,
+        }
+    }
+
+    /// Writes one message (an envelope, or a raw frame) and waits until it was flushed to the
+    /// socket. With recovery it is numbered and kept, and it succeeds once written or kept for
+    /// the client's resume (see [`Outbox::publish_kept`]).
+    pub async fn publish(&self, message: Message) -> Result<(), String> {
+        match &self.recovery {
+            Some(recovery) => {
+                let deadline = tokio::time::Instant::now() + self.write_timeout;
+                self.publish_kept(recovery, message, deadline).await
+            }
+            None => self.send(message).await,
+        }
+    }
+
+    /// A message numbered and kept: queued for the socket when there is one (a full queue, or
+    /// a write not done by `deadline`, closes the socket: the client resumes and gets it from
+    /// the history), and stored in the history meanwhile. Succeeds once written or stored; an
+    /// error means neither.
+    async fn publish_kept(
+        &self,
+        recovery: &Sequencer,
+        message: Message,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), String> {
+        let Message::Text(text) = message else {
+            return Err("with RECOVERY=true only JSON envelopes are written".to_string());
+        };
+        let (written, stored) = {
+            let mut last = recovery.hold().await;
+            let seq = *last + 1;
+            let frame = with_seq(text.as_str(), seq);
+            let stored = recovery
+                .history
+                .append(self.id, seq, frame.clone().into())
+                .await
+                .map_err(|e| format!("session {}: message not sent: {e}", self.id))?;
+            *last = seq;
+            recovery.begin();
+            let (ack, done) = oneshot::channel();
+            let queued = self.sender().try_send(Box::new(Outbound {
+                message: Message::text(frame),
+                ack: Some(ack),
+            }));
+            let written = match queued {
+                Ok(()) => Some(done),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    // The peer does not keep up: it resumes and reads the rest from the history.
+                    self.kick.notify_waiters();
+                    None
+                }
+                // No socket now: kept for the client's resume.
+                Err(mpsc::error::TrySendError::Closed(_)) => None,
+            };
+            (written, stored)
+        };
+        let stored = recovery.end(stored).await;
+        let written = match written {
+            Some(done) => match tokio::time::timeout_at(deadline, done).await {
+                Ok(Ok(Ok(()))) => true,
+                Ok(_) => false,
+                Err(_) => {
+                    self.kick.notify_waiters();
+                    false
+                }
+            },
+            None => false,
+        };
+        match stored {
+            Ok(()) => Ok(()),
+            Err(e) if written => {
+                tracing::warn!(session = %self.id, error = %e,
+                    "message written but not kept: a resume across it reports recovered: false");
+                Ok(())
+            }
+            Err(e) => Err(format!(
+                "session {}: the message was neither written nor kept: {e}",
+                self.id
+            )),
         }
     }
 
@@ -78,6 +225,9 @@ impl Outbox {
         message: Message,
         deadline: tokio::time::Instant,
     ) -> Result<(), String> {
+        if let Some(recovery) = &self.recovery {
+            return self.publish_kept(recovery, message, deadline).await;
+        }
         if !self.is_connected() {
             return Err(format!("session {} is not connected", self.id));
         }
@@ -91,7 +241,7 @@ impl Outbox {
         slow_on_timeout: bool,
     ) -> Result<(), String> {
         let (ack, done) = oneshot::channel();
-        self.outbound
+        self.sender()
             .try_send(Box::new(Outbound {
                 message,
                 ack: Some(ack),
@@ -164,7 +314,7 @@ impl Outbox {
 
     /// Queues one frame without waiting for the write (error frames); fails when the queue is full.
     pub fn send_nowait(&self, message: Message) -> Result<(), String> {
-        self.outbound
+        self.sender()
             .try_send(Box::new(Outbound { message, ack: None }))
             .map_err(|_| format!("send queue of session {} is full or closed", self.id))
     }

@@ -739,3 +739,63 @@ pub async fn start_host(
     .context("failed to start the wasmCloud host")?;
     Ok((host_id, Box::pin(shutdown)))
 }
+
+/// A TCP proxy in front of a listener that can cut its clients off the way a dropped network
+/// does: after [`Blackhole::cut`] no byte passes either way, and neither side is closed (each
+/// sees only silence).
+#[allow(dead_code)]
+pub struct Blackhole {
+    /// `ws://` URL of the proxy.
+    pub url: String,
+    cut: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[allow(dead_code)]
+impl Blackhole {
+    /// A proxy to the `ws://` URL `upstream`.
+    pub async fn start(upstream: &str) -> Result<Self> {
+        let upstream = upstream
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("ws://{}", listener.local_addr()?);
+        let (cut, cut_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let mut cut_rx = cut_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (mut dr, mut dw) = down.into_split();
+                    let (mut ur, mut uw) = up.into_split();
+                    tokio::select! {
+                        _ = tokio::io::copy(&mut dr, &mut uw) => return,
+                        _ = tokio::io::copy(&mut ur, &mut dw) => return,
+                        _ = cut_rx.wait_for(|cut| *cut) => {}
+                    }
+                    // Cut: both sides stay open and silent until the proxy is dropped.
+                    std::future::pending::<()>().await;
+                    drop((dr, dw, ur, uw));
+                });
+            }
+        });
+        Ok(Self { url, cut, task })
+    }
+
+    /// From now on nothing passes, and nothing is closed.
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

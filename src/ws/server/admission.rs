@@ -12,7 +12,9 @@ use std::sync::Arc;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
 
-use super::{PeerInfo, ServerOptions, TOKEN_QUERY_PARAM};
+use super::{
+    PeerInfo, Resume, ServerOptions, LAST_SEQ_QUERY_PARAM, RESUME_QUERY_PARAM, TOKEN_QUERY_PARAM,
+};
 use crate::ws::Token;
 
 /// Releases a connection slot when dropped.
@@ -62,9 +64,11 @@ pub(super) fn admit(
         check_origin(request, allowed)?;
     }
     let subprotocol = choose_subprotocol(request, &mut response, &options.subprotocols)?;
+    let resume = resume(uri.query())?;
     let slot = take_slot(active, options.max_connections)?;
     let peer = PeerInfo {
         addr,
+        resume,
         path: uri.path().to_string(),
         query: strip_token(uri.query()),
         headers: session_headers(request, &options.session_headers),
@@ -93,6 +97,39 @@ fn check_token(request: &Request, token: &Token) -> Result<(), ErrorResponse> {
         return Err(refuse(StatusCode::UNAUTHORIZED, "missing or wrong token"));
     }
     Ok(())
+}
+
+/// The `resume` and `last_seq` query parameters (a client resuming its session); 400 when
+/// `last_seq` is not a whole number or comes without `resume`.
+#[allow(clippy::result_large_err)]
+fn resume(query: Option<&str>) -> Result<Option<Resume>, ErrorResponse> {
+    let Some(query) = query else {
+        return Ok(None);
+    };
+    let (mut token, mut last_seq) = (None, None);
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if k == RESUME_QUERY_PARAM {
+            token = Some(v.into_owned());
+        } else if k == LAST_SEQ_QUERY_PARAM {
+            last_seq = Some(v.parse::<u64>().map_err(|_| {
+                refuse(
+                    StatusCode::BAD_REQUEST,
+                    "last_seq must be a whole number (the last seq the client saw)",
+                )
+            })?);
+        }
+    }
+    match (token, last_seq) {
+        (Some(token), last_seq) => Ok(Some(Resume {
+            token,
+            last_seq: last_seq.unwrap_or(0),
+        })),
+        (None, Some(_)) => Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "last_seq needs resume (the resume token)",
+        )),
+        (None, None) => Ok(None),
+    }
 }
 
 /// 403 unless the request's `Origin` (none counts as empty) is one of `allowed`.
@@ -180,15 +217,17 @@ fn session_headers(request: &Request, names: &[String]) -> Vec<(String, String)>
         .collect()
 }
 
-/// The query string without the `access_token` parameter: the other parameters in order,
-/// re-encoded, or `None` when nothing else is left. A query without the parameter is kept as is.
+/// The query string without the `access_token`, `resume` and `last_seq` parameters: the other
+/// parameters in order, re-encoded, or `None` when nothing else is left. A query without them
+/// is kept as is.
 fn strip_token(query: Option<&str>) -> Option<String> {
     let query = query?;
     let pairs = form_urlencoded::parse(query.as_bytes());
-    if !pairs.clone().any(|(k, _)| k == TOKEN_QUERY_PARAM) {
+    let ours = |k: &str| [TOKEN_QUERY_PARAM, RESUME_QUERY_PARAM, LAST_SEQ_QUERY_PARAM].contains(&k);
+    if !pairs.clone().any(|(k, _)| ours(&k)) {
         return Some(query.to_string());
     }
-    let kept: Vec<_> = pairs.filter(|(k, _)| k != TOKEN_QUERY_PARAM).collect();
+    let kept: Vec<_> = pairs.filter(|(k, _)| !ours(k)).collect();
     if kept.is_empty() {
         return None;
     }

@@ -15,6 +15,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::SinkExt as _;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -23,6 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -42,6 +44,10 @@ use pending::{until_deadline, Handshake, Pending, DROP_WARN_INTERVAL};
 
 /// The query parameter a browser uses to present the token (browsers cannot set headers).
 pub const TOKEN_QUERY_PARAM: &str = "access_token";
+/// The query parameters of a client that resumes: its resume token and the last sequence
+/// number it saw (browsers cannot set headers either).
+pub const RESUME_QUERY_PARAM: &str = "resume";
+pub const LAST_SEQ_QUERY_PARAM: &str = "last_seq";
 
 /// What the listener needs besides the socket.
 #[derive(Clone, Debug)]
@@ -75,12 +81,43 @@ pub struct ServerOptions {
 pub struct PeerInfo {
     pub addr: SocketAddr,
     pub path: String,
-    /// The request's query string without the `access_token` parameter; `None` when nothing
-    /// else was in it.
+    /// The `resume` and `last_seq` query parameters, when the client asks to resume.
+    pub resume: Option<Resume>,
+    /// The request's query string without the `access_token`, `resume` and `last_seq`
+    /// parameters; `None` when nothing else was in it.
     pub query: Option<String>,
     /// The configured session headers the request carried (lower-case names).
     pub headers: Vec<(String, String)>,
     pub subprotocol: Option<String>,
+}
+
+/// A client's request to resume: `?resume=<token>&last_seq=<n>` (`last_seq` 0 when absent).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Resume {
+    pub token: String,
+    pub last_seq: u64,
+}
+
+impl std::fmt::Debug for Resume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a credential: never in a log.
+        f.debug_struct("Resume")
+            .field("last_seq", &self.last_seq)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the owner makes of an admitted client.
+pub enum Opened<S, G> {
+    /// Serve it: where its frames go, the queue it is written from, and the guard.
+    Serve(Arc<S>, mpsc::Receiver<Box<Outbound>>, G),
+    /// Refuse it after the upgrade (a browser cannot read an HTTP status): `frame` is written,
+    /// then the socket is closed with `code` and `reason`.
+    Refuse {
+        code: u16,
+        reason: String,
+        frame: Option<String>,
+    },
 }
 
 /// The owner of a listener: turns admitted clients into sessions.
@@ -88,9 +125,13 @@ pub trait Accept: Send + Sync + 'static {
     type Sink: FrameSink;
     /// Kept while the connection lives, handed back to [`Accept::closed`].
     type Guard: Send + 'static;
-    /// A client passed admission: returns where its frames go and the queue it is written from.
-    fn open(&self, peer: PeerInfo)
-        -> (Arc<Self::Sink>, mpsc::Receiver<Box<Outbound>>, Self::Guard);
+    /// A client passed admission: returns where its frames go and the queue it is written from,
+    /// or a refusal. `cancel` ends this connection (code 1001) when the owner fires it.
+    fn open(
+        &self,
+        peer: PeerInfo,
+        cancel: CancellationToken,
+    ) -> impl std::future::Future<Output = Opened<Self::Sink, Self::Guard>> + Send;
     /// The connection ended.
     fn closed(&self, guard: Self::Guard, closed: Closed);
     /// Admission refused an upgrade request with this HTTP status.
@@ -290,7 +331,27 @@ async fn serve_admitted<T, A>(
         let _ = tokio::time::timeout(socket::CLOSE_GRACE, ws.close(Some(away))).await;
         return;
     }
-    let (sink, mut outbound, guard) = acceptor.open(peer);
+    let (sink, mut outbound, guard) = match acceptor.open(peer, cancel.clone()).await {
+        Opened::Serve(sink, outbound, guard) => (sink, outbound, guard),
+        Opened::Refuse {
+            code,
+            reason,
+            frame,
+        } => {
+            let refuse = async {
+                if let Some(frame) = frame {
+                    ws.feed(Message::text(frame)).await?;
+                }
+                let close = CloseFrame {
+                    code: CloseCode::from(code),
+                    reason: reason.into(),
+                };
+                ws.close(Some(close)).await
+            };
+            let _ = tokio::time::timeout(socket::CLOSE_GRACE, refuse).await;
+            return;
+        }
+    };
     let closed = match socket::serve(
         ws,
         sink.as_ref(),

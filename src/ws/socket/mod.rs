@@ -82,6 +82,9 @@ pub trait FrameSink: Send + Sync + 'static {
 
     /// A client connection came back after a drop.
     fn reconnected(&self) {}
+
+    /// The peer answered a ping.
+    fn pong(&self) {}
 }
 
 /// The connection state that the owner can watch.

@@ -31,6 +31,7 @@ where
             }
             Ok(Message::Binary(data)) => liveness.delivering(sink.frame(data, false)).await,
             Ok(Message::Close(frame)) => return (peer_closed(frame), true),
+            Ok(Message::Pong(_)) => sink.pong(),
             Ok(_) => {}
             Err(tokio_tungstenite::tungstenite::Error::Capacity(e)) => {
                 return (

@@ -6,6 +6,11 @@
 //! when `LIFECYCLE_EVENTS` is on, a `ws.lifecycle.connected` message before its first frame and
 //! a `ws.lifecycle.disconnected` message after its last. Dropping the handle (link deleted)
 //! closes the listener and every client with a close frame (1001).
+//!
+//! With `RECOVERY=true` a session outlives a dropped socket: [`resume`] keeps it for
+//! `HISTORY_TTL_SEC`, and a client that comes back with its resume token gets it back.
+
+mod resume;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,17 +21,23 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument as _;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
 use crate::config::{LinkSettings, ServerSettings};
 use crate::delivery::Inbound;
 use crate::metrics::Metrics;
+use crate::recovery::{History, Sequencer};
 use crate::session::{Mode, Registry, RequestInfo, Route, Session, SessionOptions};
 use crate::task::OwnedTask;
-use crate::ws::server::{Accept, PeerInfo, Server, ServerOptions};
+use crate::ws::server::{Accept, Opened, PeerInfo, Server, ServerOptions};
 use crate::ws::socket::{Closed, ConnState, Outbound};
+use resume::{Kept, Resumer};
 
 pub const LIFECYCLE_CONNECTED: &str = "ws.lifecycle.connected";
 pub const LIFECYCLE_DISCONNECTED: &str = "ws.lifecycle.disconnected";
+/// A recoverable session whose client did not come back within `HISTORY_TTL_SEC`.
+pub const LIFECYCLE_EXPIRED: &str = "ws.lifecycle.expired";
 
 pub struct Listener {
     pub address: Option<SocketAddr>,
@@ -34,7 +45,8 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Binds and starts accepting clients for `component_id` on link `link_name`.
+    /// Binds and starts accepting clients for `component_id` on link `link_name`; `history`
+    /// is the link's history when it has `RECOVERY=true`.
     pub async fn start(
         component_id: &str,
         link_name: &str,
@@ -42,6 +54,7 @@ impl Listener {
         wrpc: ComponentClient,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
+        history: Option<Arc<History>>,
     ) -> Result<Arc<Self>, String> {
         let server_settings = settings
             .server()
@@ -49,6 +62,15 @@ impl Listener {
         let lifecycle = server_settings.lifecycle_events;
         let server = Server::bind(server_options(settings, server_settings)).await?;
         let address = server.local_addr();
+        let resumer = history.map(|history| {
+            Arc::new(Resumer::new(
+                history,
+                component_id,
+                link_name,
+                lifecycle,
+                Arc::clone(&registry),
+            ))
+        });
         let acceptor = Arc::new(Acceptor {
             component_id: component_id.to_string(),
             link_name: link_name.to_string(),
@@ -58,6 +80,7 @@ impl Listener {
             wrpc,
             registry,
             metrics,
+            resumer,
         });
         // Everything the listener and its connections log names the component and link.
         let span = tracing::info_span!(
@@ -105,37 +128,93 @@ struct Acceptor {
     wrpc: ComponentClient,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    /// `RECOVERY=true`: the sessions waiting for their clients, the history, the tokens.
+    resumer: Option<Arc<Resumer>>,
 }
 
 /// Lives as long as one client connection.
-struct Guard {
+enum Guard {
+    /// A session that ends with its socket.
+    Plain {
+        session: Arc<Session>,
+        inbound: Arc<Inbound>,
+        state: watch::Sender<ConnState>,
+    },
+    /// Connection `generation` of a recoverable session.
+    Kept { kept: Arc<Kept>, generation: u32 },
+}
+
+/// A new session, before its guard: what its socket task needs and its state's sender.
+struct NewSession {
     session: Arc<Session>,
     inbound: Arc<Inbound>,
-    _state: watch::Sender<ConnState>,
+    outbound: mpsc::Receiver<Box<Outbound>>,
+    state: watch::Sender<ConnState>,
+}
+
+/// A lifecycle message.
+fn lifecycle_message(
+    subject: &str,
+    body: serde_json::Value,
+    reply_to: Option<String>,
+) -> BrokerMessage {
+    BrokerMessage {
+        subject: subject.to_string(),
+        body: Bytes::from(body.to_string()),
+        reply_to,
+    }
 }
 
 impl Acceptor {
-    /// The `ws.lifecycle.connected` message of a new client's session.
-    fn connected(&self, session: &Session) -> BrokerMessage {
-        let body = serde_json::json!({
+    /// The `ws.lifecycle.connected` message of a client's connection: `resumed` when it took
+    /// its session back, `recovered` when it then got every message it missed.
+    fn connected(
+        &self,
+        session: &Session,
+        resumed: bool,
+        recovered: Option<bool>,
+    ) -> BrokerMessage {
+        let mut body = serde_json::json!({
             "session": session.id.to_string(),
             "link": self.link_name,
             "remote": session.remote,
             "path": session.request.as_ref().map(|r| r.path.clone()),
+            "resumed": resumed,
         });
-        BrokerMessage {
-            subject: LIFECYCLE_CONNECTED.to_string(),
-            body: Bytes::from(body.to_string()),
-            reply_to: session.tracking.then(|| session.subject().to_string()),
+        if let Some(recovered) = recovered {
+            body["recovered"] = recovered.into();
+        }
+        lifecycle_message(
+            LIFECYCLE_CONNECTED,
+            body,
+            session.tracking.then(|| session.subject().to_string()),
+        )
+    }
+
+    /// The `ws.lifecycle.disconnected` message: `resumable` when the session waits for its
+    /// client to come back.
+    fn disconnected(&self, session: &Session, closed: &Closed, resumable: bool) -> BrokerMessage {
+        let body = serde_json::json!({
+            "session": session.id.to_string(),
+            "link": self.link_name,
+            "code": closed.code,
+            "reason": closed.reason,
+            "resumable": resumable,
+        });
+        lifecycle_message(LIFECYCLE_DISCONNECTED, body, None)
+    }
+
+    /// Queues a lifecycle message before the socket's next frame (when lifecycle events are on).
+    fn announce(&self, inbound: &Inbound, message: BrokerMessage) {
+        if self.lifecycle {
+            if let Some(queued) = inbound.lifecycle(message, &self.link_name) {
+                let _ = inbound.queue.try_send(Box::new(queued));
+            }
         }
     }
-}
 
-impl Accept for Acceptor {
-    type Sink = Inbound;
-    type Guard = Guard;
-
-    fn open(&self, peer: PeerInfo) -> (Arc<Inbound>, mpsc::Receiver<Box<Outbound>>, Guard) {
+    /// A new registered session for `peer`, numbered by `recovery` when the link has it.
+    fn new_session(&self, peer: PeerInfo, recovery: Option<Arc<Sequencer>>) -> NewSession {
         let super::Opened {
             session,
             inbound,
@@ -149,6 +228,7 @@ impl Accept for Acceptor {
                     headers: peer.headers,
                     subprotocol: peer.subprotocol,
                 }),
+                recovery,
                 ..SessionOptions::from_link(
                     Mode::Server,
                     &self.component_id,
@@ -172,18 +252,42 @@ impl Accept for Acceptor {
             registry: &self.registry,
             metrics: Arc::clone(&self.metrics),
         });
-        if self.lifecycle {
-            // Queued before the socket is read, so it arrives before the client's first message.
-            if let Some(connected) = inbound.lifecycle(self.connected(&session), &self.link_name) {
-                let _ = inbound.queue.try_send(Box::new(connected));
-            }
+        NewSession {
+            session,
+            inbound,
+            outbound,
+            state,
         }
-        let guard = Guard {
+    }
+
+    /// A session that ends with its socket (no recovery).
+    fn open_plain(&self, peer: PeerInfo) -> Opened<Inbound, Guard> {
+        let NewSession {
+            session,
+            inbound,
+            outbound,
+            state,
+        } = self.new_session(peer, None);
+        // Queued before the socket is read, so it arrives before the client's first message.
+        self.announce(&inbound, self.connected(&session, false, None));
+        let guard = Guard::Plain {
             session,
             inbound: Arc::clone(&inbound),
-            _state: state,
+            state,
         };
-        (inbound, outbound, guard)
+        Opened::Serve(inbound, outbound, guard)
+    }
+}
+
+impl Accept for Acceptor {
+    type Sink = Inbound;
+    type Guard = Guard;
+
+    async fn open(&self, peer: PeerInfo, cancel: CancellationToken) -> Opened<Inbound, Guard> {
+        match &self.resumer {
+            None => self.open_plain(peer),
+            Some(resumer) => resumer.open(self, peer, cancel).await,
+        }
     }
 
     fn rejected(&self, status: u16) {
@@ -191,30 +295,28 @@ impl Accept for Acceptor {
     }
 
     fn closed(&self, guard: Guard, closed: Closed) {
-        let Guard {
-            session,
-            inbound,
-            _state: state,
-        } = guard;
-        state.send_replace(ConnState::Disconnected {
-            error: closed.reason.clone(),
-        });
-        self.registry.remove(&session.id);
-        if self.lifecycle {
-            let body = serde_json::json!({
-                "session": session.id.to_string(),
-                "link": self.link_name,
-                "code": closed.code,
-                "reason": closed.reason,
-            });
-            let message = BrokerMessage {
-                subject: LIFECYCLE_DISCONNECTED.to_string(),
-                body: Bytes::from(body.to_string()),
-                reply_to: None,
-            };
-            // Delivered after the session's last messages.
-            if let Some(disconnected) = inbound.lifecycle(message, &self.link_name) {
-                inbound.farewell(disconnected);
+        match guard {
+            Guard::Plain {
+                session,
+                inbound,
+                state,
+            } => {
+                state.send_replace(ConnState::Disconnected {
+                    error: closed.reason.clone(),
+                });
+                self.registry.remove(&session.id);
+                if self.lifecycle {
+                    // Delivered after the session's last messages.
+                    let message = self.disconnected(&session, &closed, false);
+                    if let Some(disconnected) = inbound.lifecycle(message, &self.link_name) {
+                        inbound.farewell(disconnected);
+                    }
+                }
+            }
+            Guard::Kept { kept, generation } => {
+                if let Some(resumer) = &self.resumer {
+                    resumer.closed(self, &kept, generation, &closed);
+                }
             }
         }
     }
