@@ -341,3 +341,85 @@ async fn a_client_that_closes_ends_its_session_and_recovery_needs_json() -> Resu
     .await?;
     env.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_link_keeps_what_is_published_while_it_is_down_and_writes_it_in_order(
+) -> Result<()> {
+    let env = Env::start().await?;
+    let port = common::free_port()?;
+    let mut target = Server::start_on(port).await?;
+    let mut trigger = Server::start().await?;
+    env.component_scaled("test_echo", "keep", 4).await?;
+    env.link_consumer("keep", "default", &[]).await?;
+    let uri = target.uri();
+    env.config(
+        "keep-target",
+        &[
+            ("URI", uri.as_str()),
+            ("FORMAT", "json"),
+            ("RECOVERY", "true"),
+            ("HISTORY_SIZE", "50"),
+            ("RECONNECT_MIN_MS", "50"),
+            ("RECONNECT_MAX_MS", "200"),
+            ("PUBLISH_WAIT_MS", "100"),
+        ],
+    )
+    .await?;
+    env.config("keep-trigger", &[("URI", &trigger.uri())])
+        .await?;
+    env.link_handler("keep", "keep-target", &["keep-target"])
+        .await?;
+    env.link_handler("keep", "keep-trigger", &["keep-trigger"])
+        .await?;
+    let mut peer = target.accept().await?;
+    let mut control = trigger.accept().await?;
+    peer.send_json(json!({"subject": "who", "body": "!whoami"}))
+        .await?;
+    let subject = peer.recv_json().await?["body"]
+        .as_str()
+        .context("whoami")?
+        .to_string();
+
+    // The server goes away: publishes are kept (not failed after PUBLISH_WAIT_MS), up to
+    // HISTORY_SIZE; beyond it each one fails with an error that says so.
+    drop(peer);
+    drop(target);
+    eventually(Duration::from_secs(20), || async {
+        let (_, message) = env.health().await?;
+        let message = message.unwrap_or_default();
+        ensure!(message.contains("\"keep-target\""), "health: {message:?}");
+        Ok(())
+    })
+    .await?;
+    for i in 0..55 {
+        control.send_text(&format!("!to {subject} k{i}")).await?;
+    }
+    // Handled in order (one call at a time): `!whoami` answers after the 55 publishes.
+    control.send_text("!whoami").await?;
+    let mut errors = Vec::new();
+    loop {
+        let line = control.recv_text().await?;
+        if line.starts_with("ws.session.") {
+            break;
+        }
+        errors.push(line);
+    }
+    assert_eq!(errors.len(), 5, "the 5 over HISTORY_SIZE fail: {errors:?}");
+    for e in &errors {
+        ensure!(e.contains("HISTORY_SIZE (50)"), "{e}");
+    }
+
+    // Back: the 50 kept messages arrive in order, then live ones.
+    let mut target = Server::start_on(port).await?;
+    let mut peer = target.accept().await?;
+    for i in 0..50 {
+        let message = peer.recv_json().await?;
+        assert_eq!(message["body"], format!("k{i}"), "{message}");
+        assert_eq!(message["subject"], subject.as_str(), "{message}");
+    }
+    control.send_text(&format!("!to {subject} live")).await?;
+    assert_eq!(peer.recv_json().await?["body"], "live");
+    peer.expect_silence(Duration::from_millis(700)).await?;
+    control.expect_silence(Duration::from_millis(200)).await?;
+    env.stop().await
+}

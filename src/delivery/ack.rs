@@ -131,6 +131,7 @@ mod tests {
             write_timeout: std::time::Duration::from_secs(1),
             close_slow: false,
             recovery: None,
+            keeper: None,
         };
         (Arc::new(Session::new(options, state, out)), rx, state_tx)
     }

@@ -31,6 +31,8 @@ pub struct ClientSocket {
     /// Alone: the socket task's permission to connect, always given.
     _allowed: Option<watch::Sender<bool>>,
     task: OwnedTask,
+    /// `RECOVERY=true`: writes what was kept while the connection was down, at each reconnect.
+    _flush: Option<OwnedTask>,
 }
 
 /// A connection that several replicas share: the lattice's leases, the connection's lease key
@@ -53,13 +55,16 @@ impl ClientSocket {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         shared: Option<Shared>,
+        history: Option<Arc<crate::recovery::History>>,
     ) -> Arc<Self> {
+        let keeper = history.map(|h| Arc::new(crate::recovery::Keeper::new(h)));
         let opened = super::open(super::Opening {
             id: shared.as_ref().map(|s| s.id),
             register: shared.is_none(),
             options: SessionOptions {
                 publish_wait: Some(client.publish_wait),
                 max_waiting: settings.send_queue_len,
+                keeper,
                 ..SessionOptions::from_link(
                     Mode::Client,
                     component_id,
@@ -77,6 +82,10 @@ impl ClientSocket {
             metrics,
         });
         let session = Arc::clone(&opened.session);
+        let flush = session
+            .outbox
+            .keeps()
+            .then(|| flush_on_connect(Arc::clone(&session)));
         let options = client_options(settings, client);
         // Everything the socket task logs names its session, component and link.
         let span = tracing::info_span!("session", id = %session.id, component = component_id,
@@ -113,6 +122,7 @@ impl ClientSocket {
             holding,
             _allowed: allowed,
             task,
+            _flush: flush,
         })
     }
 
@@ -126,6 +136,28 @@ impl ClientSocket {
             None => self.task.close(grace).await,
         }
     }
+}
+
+/// Each time `session`'s connection comes up, writes what was kept while it was down.
+fn flush_on_connect(session: Arc<Session>) -> OwnedTask {
+    OwnedTask::spawn(move |cancel| async move {
+        let mut state = session.outbox.watch_state();
+        let up = |s: &ConnState| matches!(s, ConnState::Connected { .. });
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                changed = state.wait_for(up) => if changed.is_err() { return },
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = session.outbox.flush_kept() => {}
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                changed = state.wait_for(|s| !up(s)) => if changed.is_err() { return },
+            }
+        }
+    })
 }
 
 /// The transport's options for a client link's socket.

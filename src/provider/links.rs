@@ -29,6 +29,19 @@ impl WsProvider {
         }
         let wrpc = self.wrpc_for(component).await?;
         let shared = self.shared_connection(component, &client.endpoint).await?;
+        // Messages published while the connection is down wait in a stream of its own.
+        let history = match settings.recovery {
+            Some(recovery) => Some(
+                self.history(
+                    component,
+                    &format!("client {}", client.endpoint.uri),
+                    recovery,
+                )
+                .await
+                .map_err(anyhow::Error::msg)?,
+            ),
+            None => None,
+        };
         let mut links = self.links();
         // Another link may have opened it while the wRPC client was created.
         if let Some(conn) = links.connection_for(component, &client.endpoint) {
@@ -43,6 +56,7 @@ impl WsProvider {
             Arc::clone(&self.inner.registry),
             Arc::clone(&self.inner.metrics),
             shared,
+            history,
         );
         links.prune_pool();
         links.pool.insert(
@@ -191,7 +205,8 @@ impl WsProvider {
         Ok(())
     }
 
-    /// The history of a link with `RECOVERY=true`, in the lattice's JetStream.
+    /// The history of a link with `RECOVERY=true` (or of a client connection: `link_name` is
+    /// then its endpoint), in the lattice's JetStream.
     async fn history(
         &self,
         component: &str,

@@ -16,6 +16,26 @@ use crate::config::Recovery;
 const SEQ_HEADER: &str = "Ws-Seq";
 /// How long a history operation may take before it counts as failed.
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most bytes one read brings back (a resume's replay is held in memory until written).
+pub const MAX_READ_BYTES: usize = 64 * 1024 * 1024;
+
+/// Why a read of the history brought nothing back.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadError {
+    /// What was asked for is over [`MAX_READ_BYTES`].
+    TooLarge,
+    /// JetStream failed or did not answer.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TooLarge => write!(f, "history: more than {MAX_READ_BYTES} bytes to read"),
+            Self::Unavailable(e) => f.write_str(e),
+        }
+    }
+}
 
 /// One link's stream.
 pub struct History {
@@ -117,15 +137,42 @@ impl History {
         }))
     }
 
-    /// The kept messages of `session` with a sequence number above `after`, in order.
-    pub async fn read(&self, session: Uuid, after: u64) -> Result<Vec<(u64, Bytes)>, String> {
-        tokio::time::timeout(OP_TIMEOUT, self.read_all(session, after))
-            .await
-            .map_err(|_| "history: JetStream did not answer in time".to_string())?
+    /// The kept messages of `session` with a sequence number above `after`, in order; an
+    /// error when they are over [`MAX_READ_BYTES`].
+    pub async fn read(&self, session: Uuid, after: u64) -> Result<Vec<(u64, Bytes)>, ReadError> {
+        self.read_up_to(session, after, false).await
     }
 
-    async fn read_all(&self, session: Uuid, after: u64) -> Result<Vec<(u64, Bytes)>, String> {
-        let e = |e: &dyn std::fmt::Display| format!("history: {e}");
+    /// Like [`History::read`], but over [`MAX_READ_BYTES`] it returns the first of them (at
+    /// least one): read on after the last one returned.
+    pub async fn read_page(
+        &self,
+        session: Uuid,
+        after: u64,
+    ) -> Result<Vec<(u64, Bytes)>, ReadError> {
+        self.read_up_to(session, after, true).await
+    }
+
+    async fn read_up_to(
+        &self,
+        session: Uuid,
+        after: u64,
+        page: bool,
+    ) -> Result<Vec<(u64, Bytes)>, ReadError> {
+        tokio::time::timeout(OP_TIMEOUT, self.read_all(session, after, page))
+            .await
+            .map_err(|_| {
+                ReadError::Unavailable("history: JetStream did not answer in time".to_string())
+            })?
+    }
+
+    async fn read_all(
+        &self,
+        session: Uuid,
+        after: u64,
+        page: bool,
+    ) -> Result<Vec<(u64, Bytes)>, ReadError> {
+        let e = |e: &dyn std::fmt::Display| ReadError::Unavailable(format!("history: {e}"));
         let stream = self.js.get_stream(&self.stream).await.map_err(|x| e(&x))?;
         let consumer = stream
             .create_consumer(consumer::pull::Config {
@@ -140,7 +187,7 @@ impl History {
             .map_err(|x| e(&x))?;
         let pending = usize::try_from(consumer.cached_info().num_pending).unwrap_or(usize::MAX);
         let mut kept = Vec::with_capacity(pending.min(self.settings.history_size));
-        let mut seen = 0;
+        let (mut seen, mut bytes) = (0, 0usize);
         while seen < pending {
             let mut batch = consumer
                 .fetch()
@@ -158,6 +205,14 @@ impl History {
                     .and_then(|h| h.get(SEQ_HEADER))
                     .and_then(|v| v.as_str().parse::<u64>().ok());
                 if let Some(seq) = seq.filter(|s| *s > after) {
+                    bytes += message.payload.len();
+                    if bytes > MAX_READ_BYTES && !(page && kept.is_empty()) {
+                        if !page {
+                            return Err(ReadError::TooLarge);
+                        }
+                        seen = pending; // a full page: the caller reads on after it
+                        break;
+                    }
                     kept.push((seq, message.payload.clone()));
                 }
             }

@@ -59,9 +59,12 @@ impl Sequencer {
         self.storing.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Ends the count of one message started with [`Sequencer::begin`].
-    pub async fn end(&self, stored: Stored) -> Result<(), String> {
-        let result = stored.await;
+    /// Ends the count of one message started with [`Sequencer::begin`], waiting for its
+    /// storing until `deadline` at most.
+    pub async fn end(&self, stored: Stored, deadline: tokio::time::Instant) -> Result<(), String> {
+        let result = tokio::time::timeout_at(deadline, stored)
+            .await
+            .unwrap_or_else(|_| Err("history: not confirmed in time".to_string()));
         if self.storing.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.stored.notify_waiters();
         }
@@ -81,6 +84,36 @@ impl Sequencer {
             }
         })
         .await;
+    }
+}
+
+/// Client mode: messages published while the connection is down, kept in the history and
+/// written in order once it is back (instead of failing after `PUBLISH_WAIT_MS`).
+pub struct Keeper {
+    pub history: Arc<History>,
+    kept: Mutex<Kept>,
+}
+
+/// What a [`Keeper`] holds now.
+#[derive(Default)]
+pub struct Kept {
+    /// The number of the last message kept (they are stored in this order).
+    pub last: u64,
+    /// Messages kept and not yet written.
+    pub pending: usize,
+}
+
+impl Keeper {
+    pub fn new(history: Arc<History>) -> Self {
+        Self {
+            history,
+            kept: Mutex::default(),
+        }
+    }
+
+    /// Holds the kept messages: while held, nothing is kept, queued past them or flushed.
+    pub async fn hold(&self) -> MutexGuard<'_, Kept> {
+        self.kept.lock().await
     }
 }
 

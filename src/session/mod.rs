@@ -131,6 +131,8 @@ pub struct SessionOptions {
     pub close_slow: bool,
     /// `RECOVERY=true`: the session's numbering and history.
     pub recovery: Option<std::sync::Arc<crate::recovery::Sequencer>>,
+    /// `RECOVERY=true` in client mode: where publishes wait while the connection is down.
+    pub keeper: Option<std::sync::Arc<crate::recovery::Keeper>>,
 }
 
 impl SessionOptions {
@@ -157,6 +159,7 @@ impl SessionOptions {
             write_timeout: settings.write_timeout,
             close_slow: settings.close_slow_consumers,
             recovery: None,
+            keeper: None,
         }
     }
 }
@@ -372,6 +375,7 @@ mod tests {
                 write_timeout: std::time::Duration::from_secs(1),
                 close_slow: false,
                 recovery: None,
+                keeper: None,
             },
             state,
             out,

@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-use crate::recovery::{with_seq, Sequencer};
+use crate::recovery::{with_seq, Keeper, Sequencer};
 use crate::ws::socket::{ConnState, Outbound};
 
 /// The sending half of one session's socket, and the state the socket task reports.
@@ -20,6 +20,8 @@ pub struct Outbox {
     outbound: Mutex<mpsc::Sender<Box<Outbound>>>,
     /// `RECOVERY=true`: numbers and keeps every message ([`Outbox::publish`]).
     recovery: Option<Arc<Sequencer>>,
+    /// `RECOVERY=true` in client mode: keeps what is published while the connection is down.
+    keeper: Option<Arc<Keeper>>,
     /// Woken by every pong of the peer (see [`Outbox::probe`]).
     pongs: Notify,
     /// Client sessions reconnect: a publish while disconnected waits this long (`None`: it
@@ -43,6 +45,7 @@ impl Outbox {
             state,
             outbound: Mutex::new(outbound),
             recovery: options.recovery.clone(),
+            keeper: options.keeper.clone(),
             pongs: Notify::new(),
             publish_wait: options.publish_wait,
             waiting: Semaphore::new(options.max_waiting),
@@ -112,7 +115,7 @@ impl Outbox {
     /// Whether a message sent now reaches the peer: its socket is connected, or (recovery) the
     /// message is kept for its resume.
     pub fn reachable(&self) -> bool {
-        self.recovery.is_some() || self.is_connected()
+        self.recovery.is_some() || self.keeper.is_some() || self.is_connected()
     }
 
     /// Since when the socket has been connected, in milliseconds since the Unix epoch.
@@ -130,24 +133,123 @@ impl Outbox {
     /// socket. With recovery it is numbered and kept, and it succeeds once written or kept for
     /// the client's resume (see [`Outbox::publish_kept`]).
     pub async fn publish(&self, message: Message) -> Result<(), String> {
-        match &self.recovery {
-            Some(recovery) => {
-                let deadline = tokio::time::Instant::now() + self.write_timeout;
-                self.publish_kept(recovery, message, deadline).await
-            }
-            None => self.send(message).await,
+        let deadline = || tokio::time::Instant::now() + self.write_timeout;
+        match (&self.recovery, &self.keeper) {
+            (Some(recovery), _) => self.publish_kept(recovery, message, deadline(), true).await,
+            (None, Some(keeper)) => self.publish_or_keep(keeper, message, deadline()).await,
+            (None, None) => self.send(message).await,
         }
     }
 
+    /// Client mode with recovery: queued when the connection is up and nothing kept waits
+    /// before it; kept in the history otherwise (at most `HISTORY_SIZE`), to be written by
+    /// [`Outbox::flush_kept`] once the connection is back.
+    async fn publish_or_keep(
+        &self,
+        keeper: &Keeper,
+        message: Message,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), String> {
+        let mut kept = keeper.hold().await;
+        if kept.pending == 0 && self.is_connected() {
+            // Queued under the hold: a flush cannot slip in between the check and the queue.
+            let done = self.queue(message)?;
+            drop(kept);
+            return self.written(done, deadline, true).await;
+        }
+        let limit = keeper.history.settings.history_size;
+        if kept.pending >= limit {
+            return Err(format!(
+                "session {} is not connected and HISTORY_SIZE ({limit}) messages already wait for it",
+                self.id
+            ));
+        }
+        let Message::Text(text) = message else {
+            return Err("with RECOVERY=true only JSON envelopes are written".to_string());
+        };
+        let seq = kept.last + 1;
+        let stored = keeper
+            .history
+            .append(self.id, seq, text.as_bytes().to_vec().into())
+            .await
+            .map_err(|e| format!("session {} is not connected and {e}", self.id))?;
+        stored
+            .await
+            .map_err(|e| format!("session {} is not connected and {e}", self.id))?;
+        kept.last = seq;
+        kept.pending += 1;
+        Ok(())
+    }
+
+    /// Client mode with recovery: writes what was kept while the connection was down, in
+    /// order and before anything newer. Run each time the connection comes up.
+    pub async fn flush_kept(&self) {
+        let Some(keeper) = &self.keeper else {
+            return;
+        };
+        let mut kept = keeper.hold().await;
+        let (expected, mut found, mut after) = (kept.pending, 0, 0);
+        let sender = self.sender();
+        loop {
+            let frames = match keeper.history.read_page(self.id, after).await {
+                Ok(frames) => frames,
+                Err(e) => {
+                    tracing::warn!(session = %self.id, error = %e,
+                        "kept messages not read: they are written after the next reconnect");
+                    return;
+                }
+            };
+            let Some((last, _)) = frames.last() else {
+                break;
+            };
+            after = *last;
+            found += frames.len();
+            for (_, frame) in frames {
+                let Ok(text) = tokio_tungstenite::tungstenite::Utf8Bytes::try_from(frame) else {
+                    continue;
+                };
+                let out = Box::new(Outbound {
+                    message: Message::Text(text),
+                    ack: None,
+                });
+                // Waits for room: the socket is up and draining the queue.
+                if sender.send(out).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if found == 0 && expected == 0 {
+            return;
+        }
+        keeper.history.forget(self.id).await;
+        if found < expected {
+            tracing::warn!(session = %self.id, lost = expected - found,
+                "messages kept while disconnected expired (HISTORY_TTL_SEC) before the reconnect");
+        }
+        tracing::info!(session = %self.id, written = found, "messages kept while disconnected queued");
+        kept.pending = 0;
+    }
+
+    /// A receiver of the connection state (client mode: it changes with every reconnect).
+    pub fn watch_state(&self) -> watch::Receiver<ConnState> {
+        self.state.clone()
+    }
+
+    /// Whether publishes wait in the history while the connection is down (client mode).
+    pub fn keeps(&self) -> bool {
+        self.keeper.is_some()
+    }
+
     /// A message numbered and kept: queued for the socket when there is one (a full queue, or
-    /// a write not done by `deadline`, closes the socket: the client resumes and gets it from
-    /// the history), and stored in the history meanwhile. Succeeds once written or stored; an
+    /// with `slow_on_timeout` a write not done by `deadline`, closes the socket: the client
+    /// resumes and gets it from the history), and stored in the history meanwhile. Succeeds once written or stored; an
     /// error means neither.
     async fn publish_kept(
         &self,
         recovery: &Sequencer,
         message: Message,
         deadline: tokio::time::Instant,
+        slow_on_timeout: bool,
     ) -> Result<(), String> {
         let Message::Text(text) = message else {
             return Err("with RECOVERY=true only JSON envelopes are written".to_string());
@@ -180,18 +282,23 @@ impl Outbox {
             };
             (written, stored)
         };
-        let stored = recovery.end(stored).await;
-        let written = match written {
-            Some(done) => match tokio::time::timeout_at(deadline, done).await {
-                Ok(Ok(Ok(()))) => true,
-                Ok(_) => false,
-                Err(_) => {
-                    self.kick.notify_waiters();
-                    false
-                }
-            },
-            None => false,
+        // The write and the storing run side by side: the call takes the longer of the two.
+        let write = async {
+            match written {
+                Some(done) => match tokio::time::timeout_at(deadline, done).await {
+                    Ok(Ok(Ok(()))) => true,
+                    Ok(_) => false,
+                    Err(_) => {
+                        if slow_on_timeout {
+                            self.kick.notify_waiters();
+                        }
+                        false
+                    }
+                },
+                None => false,
+            }
         };
+        let (stored, written) = tokio::join!(recovery.end(stored, deadline), write);
         match stored {
             Ok(()) => Ok(()),
             Err(e) if written => {
@@ -226,7 +333,11 @@ impl Outbox {
         deadline: tokio::time::Instant,
     ) -> Result<(), String> {
         if let Some(recovery) = &self.recovery {
-            return self.publish_kept(recovery, message, deadline).await;
+            // A write not done by the fan-out's deadline is no slow consumer: it is kept.
+            return self.publish_kept(recovery, message, deadline, false).await;
+        }
+        if let Some(keeper) = &self.keeper {
+            return self.publish_or_keep(keeper, message, deadline).await;
         }
         if !self.is_connected() {
             return Err(format!("session {} is not connected", self.id));
@@ -240,6 +351,12 @@ impl Outbox {
         deadline: tokio::time::Instant,
         slow_on_timeout: bool,
     ) -> Result<(), String> {
+        let done = self.queue(message)?;
+        self.written(done, deadline, slow_on_timeout).await
+    }
+
+    /// Queues one frame; the receiver says how its write ended.
+    fn queue(&self, message: Message) -> Result<oneshot::Receiver<Result<(), String>>, String> {
         let (ack, done) = oneshot::channel();
         self.sender()
             .try_send(Box::new(Outbound {
@@ -252,6 +369,16 @@ impl Outbox {
                 }
                 mpsc::error::TrySendError::Closed(_) => format!("session {} is closed", self.id),
             })?;
+        Ok(done)
+    }
+
+    /// Waits until `deadline` for the write of a queued frame.
+    async fn written(
+        &self,
+        done: oneshot::Receiver<Result<(), String>>,
+        deadline: tokio::time::Instant,
+        slow_on_timeout: bool,
+    ) -> Result<(), String> {
         match tokio::time::timeout_at(deadline, done).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(format!("session {} closed before the write", self.id)),

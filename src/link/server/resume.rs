@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use super::{lifecycle_message, Acceptor, Guard, NewSession, LIFECYCLE_EXPIRED};
 use crate::delivery::Inbound;
+use crate::recovery::history::ReadError;
 use crate::recovery::{link_tag, tokens, History, Sequencer};
 use crate::session::{Registry, Session};
 use crate::task::OwnedTask;
@@ -351,7 +352,8 @@ impl Resumer {
                     not("expired")
                 }
             }
-            Err(e) => {
+            Err(ReadError::TooLarge) => not("too_long"),
+            Err(ReadError::Unavailable(e)) => {
                 tracing::warn!(session = %id, error = %e, "history unavailable for a resume");
                 not("history_unavailable")
             }

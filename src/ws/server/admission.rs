@@ -351,6 +351,42 @@ mod tests {
     }
 
     #[test]
+    fn resume_parameters_are_read_checked_and_kept_from_the_query() {
+        assert_eq!(resume(None).ok(), Some(None));
+        assert_eq!(resume(Some("room=7")).ok(), Some(None));
+        assert_eq!(
+            resume(Some("resume=tok-1&last_seq=42&room=7")).ok(),
+            Some(Some(Resume {
+                token: "tok-1".into(),
+                last_seq: 42
+            }))
+        );
+        assert_eq!(
+            resume(Some("resume=tok-1")).ok(),
+            Some(Some(Resume {
+                token: "tok-1".into(),
+                last_seq: 0
+            }))
+        );
+        for bad in ["resume=t&last_seq=-1", "resume=t&last_seq=x", "last_seq=3"] {
+            let refused = resume(Some(bad)).expect_err(bad);
+            assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{bad}");
+        }
+        assert_eq!(
+            strip_token(Some("resume=tok&last_seq=3&room=7")).as_deref(),
+            Some("room=7")
+        );
+        assert!(!format!(
+            "{:?}",
+            Resume {
+                token: "s3cret".into(),
+                last_seq: 1
+            }
+        )
+        .contains("s3cret"));
+    }
+
+    #[test]
     fn the_access_token_never_reaches_the_query() {
         assert_eq!(
             strip_token(Some("access_token=t0k&room=7")).as_deref(),
