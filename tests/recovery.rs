@@ -315,6 +315,22 @@ async fn a_client_that_closes_ends_its_session_and_recovery_needs_json() -> Resu
         (json!(false), json!("expired"))
     );
 
+    // A session closed through the session API ends too, even with the code a moving client
+    // uses (4000): its client answers the close, and nothing waits for a resume.
+    let other = fresh["id"].as_str().context("session id")?.to_string();
+    let mut controller = connect(&format!("{url}/"), &[]).await?;
+    welcome(&mut controller).await?;
+    assert_eq!(
+        command(&mut controller, &format!("!close {other} 4000 moving")).await?,
+        "CLOSED"
+    );
+    match again.next_message(Duration::from_secs(10)).await? {
+        Message::Close(Some(close)) => assert_eq!(u16::from(close.code), 4000),
+        other => bail!("expected a close frame, got {other:?}"),
+    }
+    let ended = lifecycle(&mut monitor, "ws.lifecycle.disconnected", &other).await?;
+    assert_eq!(ended["resumable"], false, "{ended}");
+
     // RECOVERY without FORMAT=json is refused, naming the key (health says so).
     env.config(
         "raw-cfg",

@@ -24,6 +24,8 @@ pub struct Outbox {
     keeper: Option<Arc<Keeper>>,
     /// Woken by every pong of the peer (see [`Outbox::probe`]).
     pongs: Notify,
+    /// The session API closed the socket (recovery: the session ends with it).
+    closing: std::sync::atomic::AtomicBool,
     /// Client sessions reconnect: a publish while disconnected waits this long (`None`: it
     /// fails at once).
     publish_wait: Option<std::time::Duration>,
@@ -47,6 +49,7 @@ impl Outbox {
             recovery: options.recovery.clone(),
             keeper: options.keeper.clone(),
             pongs: Notify::new(),
+            closing: std::sync::atomic::AtomicBool::new(false),
             publish_wait: options.publish_wait,
             waiting: Semaphore::new(options.max_waiting),
             write_timeout: options.write_timeout,
@@ -76,6 +79,11 @@ impl Outbox {
     pub fn detach(&self) {
         let (closed, _) = mpsc::channel(1);
         self.attach(closed);
+    }
+
+    /// Whether the session API closed the socket (recovery: not a drop to resume from).
+    pub fn closed_by_provider(&self) -> bool {
+        self.closing.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The peer answered a ping.
@@ -457,6 +465,17 @@ impl Outbox {
         }
         if reason.len() > 123 {
             return Err("close reason must be at most 123 bytes".to_string());
+        }
+        if self.recovery.is_some() {
+            if !self.is_connected() {
+                return Err(format!(
+                    "session {} is waiting for its client to resume it: it ends by itself after HISTORY_TTL_SEC",
+                    self.id
+                ));
+            }
+            // Its end is the session's end, whatever code the peer answers with.
+            self.closing
+                .store(true, std::sync::atomic::Ordering::Release);
         }
         self.send(Message::Close(Some(CloseFrame {
             code: CloseCode::from(code),

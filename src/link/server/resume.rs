@@ -362,8 +362,8 @@ impl Resumer {
 
     /// Connection `generation` of `kept` ended: the session waits for its client when the
     /// socket dropped without a close (1006), was closed as a slow consumer (1008), or the
-    /// client closed it with [`RECONNECTING`]; it ends otherwise (any other close frame, the
-    /// link going away).
+    /// client closed it with [`RECONNECTING`]; it ends otherwise (any other close frame, a
+    /// `close` of the session API, the link going away).
     pub(super) fn closed(
         self: &Arc<Self>,
         acceptor: &Acceptor,
@@ -371,7 +371,8 @@ impl Resumer {
         generation: u32,
         closed: &Closed,
     ) {
-        let resumable = matches!(closed.code, 1006 | 1008 | RECONNECTING);
+        let resumable = matches!(closed.code, 1006 | 1008 | RECONNECTING)
+            && !kept.session.outbox.closed_by_provider();
         {
             let mut conn = lock(&kept.conn);
             if conn.generation != generation || conn.ended {
