@@ -271,6 +271,13 @@ async fn the_readme_client_in_a_browser_resumes_after_a_cut_and_misses_nothing()
         .map(|(i, body)| format!("{}:{}:{body}", i + 1, i + 2))
         .collect();
     assert_eq!(got, want, "every missed message, once, in order");
+    // And nothing more (no message twice): a negative check, so a short wait.
+    let more = tokio::time::timeout(
+        Duration::from_millis(700),
+        next_report(&mut results, "message"),
+    )
+    .await;
+    ensure!(more.is_err(), "a message more: {more:?}");
     server.abort();
     env.stop().await
 }

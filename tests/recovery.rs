@@ -439,3 +439,46 @@ async fn a_client_link_keeps_what_is_published_while_it_is_down_and_writes_it_in
     control.expect_silence(Duration::from_millis(200)).await?;
     env.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_closed_and_resumes_without_a_gap() -> Result<()> {
+    let env = Env::start().await?;
+    let (url, mut monitor) = recovering_link(&env, "slow", &[("SEND_QUEUE_LEN", "8")]).await?;
+    let proxy = Blackhole::start(&url).await?;
+    let mut victim = connect(&format!("{}/", proxy.url), &[]).await?;
+    let first = welcome(&mut victim).await?;
+    let id = first["id"].as_str().context("session id")?.to_string();
+    let token = first["token"].as_str().context("token")?.to_string();
+
+    // Nothing is read any more: 300 messages of 16 KiB fill the socket's buffers and its queue
+    // of 8. Every publish succeeds (written or kept), and the socket is closed as slow.
+    proxy.cut();
+    let mut controller = connect(&format!("{url}/"), &[]).await?;
+    welcome(&mut controller).await?;
+    let flood = command(
+        &mut controller,
+        &format!("!flood ws.session.{id} 300 16384"),
+    )
+    .await?;
+    assert_eq!(flood, "FLOOD 300 OK");
+    let dropped = lifecycle(&mut monitor, "ws.lifecycle.disconnected", &id).await?;
+    assert_eq!(
+        (dropped["code"].clone(), dropped["resumable"].clone()),
+        (json!(1008), json!(true))
+    );
+
+    let mut resumed = connect(&format!("{url}/?resume={token}&last_seq=0"), &[]).await?;
+    let again = welcome(&mut resumed).await?;
+    assert_eq!(again["id"], id.as_str(), "{again}");
+    assert_eq!(
+        (again["recovered"].clone(), again["missed"].clone()),
+        (json!(true), json!(300))
+    );
+    for seq in 1..=300u64 {
+        let message = resumed.recv_json().await?;
+        assert_eq!(message["seq"], json!(seq), "every message once, in order");
+        assert_eq!(message["body"].as_str().map(str::len), Some(16384));
+    }
+    resumed.expect_silence(Duration::from_millis(500)).await?;
+    env.stop().await
+}

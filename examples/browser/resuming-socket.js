@@ -23,7 +23,11 @@ function resumingSocket(url, { onMessage, onSession = () => {}, retryMs = 1000 }
         onSession(frame.session);
         return;
       }
-      if (typeof frame.seq === "number") lastSeq = frame.seq;
+      if (typeof frame.seq === "number") {
+        // A message missing (its socket failed under it): resume from the last one seen.
+        if (frame.seq !== lastSeq + 1) return api.reconnect();
+        lastSeq = frame.seq;
+      }
       onMessage(frame);
     };
     socket.onclose = (event) => {
@@ -33,8 +37,7 @@ function resumingSocket(url, { onMessage, onSession = () => {}, retryMs = 1000 }
     };
   }
 
-  open();
-  return {
+  const api = {
     send(envelope) { ws.send(JSON.stringify(envelope)); },
     // Leave the current socket (the network changed) and resume at once.
     reconnect(newUrl) {
@@ -49,4 +52,6 @@ function resumingSocket(url, { onMessage, onSession = () => {}, retryMs = 1000 }
     // End the session for good (a clean close is not resumed).
     close() { closed = true; ws.close(1000, "bye"); },
   };
+  open();
+  return api;
 }

@@ -129,10 +129,20 @@ impl LinkSettings {
             self.handler_wait,
             dead_after,
             keepalive.idle_timeout.unwrap_or_default(),
+            self.recovery.map(|r| r.history_ttl).unwrap_or_default(),
         ]) {
             let _deadline = now + wait;
         }
         let _write_buffer = self.max_message_bytes.saturating_mul(4);
+        if let Some(recovery) = self.recovery {
+            // A resume's queue: the send queue plus every message missed.
+            let (_replay, _rx) = tokio::sync::mpsc::channel::<()>(
+                self.send_queue_len
+                    .saturating_add(recovery.history_size)
+                    .saturating_add(1),
+            );
+            let _per_subject = i64::try_from(recovery.history_size).unwrap_or(i64::MAX);
+        }
     }
 
     /// The subject of inbound messages on a link called `link_name`.

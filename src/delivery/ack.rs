@@ -132,6 +132,7 @@ mod tests {
             close_slow: false,
             recovery: None,
             keeper: None,
+            max_frame_bytes: usize::MAX,
         };
         (Arc::new(Session::new(options, state, out)), rx, state_tx)
     }

@@ -148,9 +148,22 @@ fn flush_on_connect(session: Arc<Session>) -> OwnedTask {
                 () = cancel.cancelled() => return,
                 changed = state.wait_for(up) => if changed.is_err() { return },
             }
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = session.outbox.flush_kept() => {}
+            // Until it is done (or the connection goes): a history that did not answer is
+            // asked again, so kept messages never wait behind a healthy connection.
+            let mut retry = std::time::Duration::from_millis(200);
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    done = session.outbox.flush_kept() => if done { break },
+                }
+                if !up(&state.borrow()) {
+                    break;
+                }
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(std::time::Duration::from_secs(5));
             }
             tokio::select! {
                 () = cancel.cancelled() => return,

@@ -19,10 +19,14 @@ use tokio::sync::{Mutex, MutexGuard, Notify};
 pub use history::{History, Stored};
 pub use token::{link_tag, Claims, Tokens};
 
-/// The key resume tokens are signed with, one per provider process.
-pub fn tokens() -> &'static Tokens {
-    static TOKENS: OnceLock<Tokens> = OnceLock::new();
-    TOKENS.get_or_init(Tokens::new)
+/// The key resume tokens are signed with, one per provider process (an error, for the link
+/// that needs it, when the system has no randomness).
+pub fn tokens() -> Result<&'static Tokens, String> {
+    static TOKENS: OnceLock<Result<Tokens, String>> = OnceLock::new();
+    TOKENS
+        .get_or_init(Tokens::new)
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 /// How long a resume waits for the messages already numbered to be stored.
@@ -53,22 +57,18 @@ impl Sequencer {
         self.last.lock().await
     }
 
-    /// Counts a message whose storing starts now (call under [`Sequencer::hold`]); the future
-    /// of [`Sequencer::storing`] then ends the count.
-    pub fn begin(&self) {
-        self.storing.fetch_add(1, Ordering::AcqRel);
+    /// [`Sequencer::hold`], waiting until `deadline` at most (a resume may hold it a while).
+    pub async fn hold_until(&self, deadline: tokio::time::Instant) -> Option<MutexGuard<'_, u64>> {
+        tokio::time::timeout_at(deadline, self.last.lock())
+            .await
+            .ok()
     }
 
-    /// Ends the count of one message started with [`Sequencer::begin`], waiting for its
-    /// storing until `deadline` at most.
-    pub async fn end(&self, stored: Stored, deadline: tokio::time::Instant) -> Result<(), String> {
-        let result = tokio::time::timeout_at(deadline, stored)
-            .await
-            .unwrap_or_else(|_| Err("history: not confirmed in time".to_string()));
-        if self.storing.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.stored.notify_waiters();
-        }
-        result
+    /// Counts a message whose storing starts now (call under [`Sequencer::hold`]) until the
+    /// returned guard is dropped.
+    pub fn begin(&self) -> Storing<'_> {
+        self.storing.fetch_add(1, Ordering::AcqRel);
+        Storing(self)
     }
 
     /// Waits (bounded) until every message numbered so far is stored or failed. Call it under
@@ -87,6 +87,17 @@ impl Sequencer {
     }
 }
 
+/// A message being stored, counted until dropped (also when its publish is given up).
+pub struct Storing<'a>(&'a Sequencer);
+
+impl Drop for Storing<'_> {
+    fn drop(&mut self) {
+        if self.0.storing.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.stored.notify_waiters();
+        }
+    }
+}
+
 /// Client mode: messages published while the connection is down, kept in the history and
 /// written in order once it is back (instead of failing after `PUBLISH_WAIT_MS`).
 pub struct Keeper {
@@ -101,6 +112,8 @@ pub struct Kept {
     pub last: u64,
     /// Messages kept and not yet written.
     pub pending: usize,
+    /// The number of the last kept message whose write was confirmed.
+    pub flushed: u64,
 }
 
 impl Keeper {
@@ -114,6 +127,13 @@ impl Keeper {
     /// Holds the kept messages: while held, nothing is kept, queued past them or flushed.
     pub async fn hold(&self) -> MutexGuard<'_, Kept> {
         self.kept.lock().await
+    }
+
+    /// [`Keeper::hold`], waiting until `deadline` at most (a flush may hold it a while).
+    pub async fn hold_until(&self, deadline: tokio::time::Instant) -> Option<MutexGuard<'_, Kept>> {
+        tokio::time::timeout_at(deadline, self.kept.lock())
+            .await
+            .ok()
     }
 }
 

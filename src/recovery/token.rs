@@ -30,22 +30,13 @@ pub struct Claims {
     pub generation: u32,
 }
 
-impl Default for Tokens {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Tokens {
-    pub fn new() -> Self {
+    /// A new random key; an error only when the system has no randomness to give.
+    pub fn new() -> Result<Self, String> {
         let rng = ring::rand::SystemRandom::new();
-        // Drawing a key only fails when the OS has no randomness at all: then a key from the
-        // time and the process is still unguessable enough to stop a forger who cannot read us.
-        let key = hmac::Key::generate(hmac::HMAC_SHA256, &rng).unwrap_or_else(|_| {
-            let seed = format!("{:?}{}", std::time::SystemTime::now(), std::process::id());
-            hmac::Key::new(hmac::HMAC_SHA256, seed.as_bytes())
-        });
-        Self { key }
+        let key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
+            .map_err(|_| "no randomness for the resume token key".to_string())?;
+        Ok(Self { key })
     }
 
     /// The token of connection `generation` of `session` on the link tagged `link`.
@@ -110,7 +101,7 @@ mod tests {
 
     #[test]
     fn tokens_round_trip_and_refuse_forgery_other_links_and_other_keys() {
-        let tokens = Tokens::new();
+        let tokens = Tokens::new().expect("key");
         let (a, b) = (link_tag("c", "a"), link_tag("c", "b"));
         let id = Uuid::new_v4();
         let token = tokens.issue(id, a, 7);
@@ -122,7 +113,10 @@ mod tests {
             })
         );
         assert!(tokens.verify(&token, b).is_err(), "another link");
-        assert!(Tokens::new().verify(&token, a).is_err(), "another key");
+        assert!(
+            Tokens::new().expect("key").verify(&token, a).is_err(),
+            "another key"
+        );
         // Any altered byte is refused.
         let mut bytes = B64.decode(token.as_bytes()).expect("b64");
         for i in 0..bytes.len() {

@@ -133,6 +133,8 @@ pub struct SessionOptions {
     pub recovery: Option<std::sync::Arc<crate::recovery::Sequencer>>,
     /// `RECOVERY=true` in client mode: where publishes wait while the connection is down.
     pub keeper: Option<std::sync::Arc<crate::recovery::Keeper>>,
+    /// The largest frame the socket can write (its write buffer).
+    pub max_frame_bytes: usize,
 }
 
 impl SessionOptions {
@@ -160,6 +162,7 @@ impl SessionOptions {
             close_slow: settings.close_slow_consumers,
             recovery: None,
             keeper: None,
+            max_frame_bytes: settings.max_message_bytes.saturating_mul(4).max(1 << 20),
         }
     }
 }
@@ -376,6 +379,7 @@ mod tests {
                 close_slow: false,
                 recovery: None,
                 keeper: None,
+                max_frame_bytes: usize::MAX,
             },
             state,
             out,

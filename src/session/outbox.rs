@@ -26,6 +26,8 @@ pub struct Outbox {
     pongs: Notify,
     /// The session API closed the socket (recovery: the session ends with it).
     closing: std::sync::atomic::AtomicBool,
+    /// The largest frame the socket can write.
+    max_frame_bytes: usize,
     /// Client sessions reconnect: a publish while disconnected waits this long (`None`: it
     /// fails at once).
     publish_wait: Option<std::time::Duration>,
@@ -50,6 +52,7 @@ impl Outbox {
             keeper: options.keeper.clone(),
             pongs: Notify::new(),
             closing: std::sync::atomic::AtomicBool::new(false),
+            max_frame_bytes: options.max_frame_bytes,
             publish_wait: options.publish_wait,
             waiting: Semaphore::new(options.max_waiting),
             write_timeout: options.write_timeout,
@@ -73,6 +76,8 @@ impl Outbox {
     /// Writes from now on go to `outbound` (a resumed client's new socket).
     pub fn attach(&self, outbound: mpsc::Sender<Box<Outbound>>) {
         *self.outbound.lock().unwrap_or_else(|e| e.into_inner()) = outbound;
+        self.closing
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// Writes from now on find no socket (a recoverable session waiting for its client).
@@ -158,7 +163,12 @@ impl Outbox {
         message: Message,
         deadline: tokio::time::Instant,
     ) -> Result<(), String> {
-        let mut kept = keeper.hold().await;
+        let mut kept = keeper.hold_until(deadline).await.ok_or_else(|| {
+            format!(
+                "session {}: the message was not sent within its deadline (the messages kept while the connection was down are being written)",
+                self.id
+            )
+        })?;
         if kept.pending == 0 && self.is_connected() {
             // Queued under the hold: a flush cannot slip in between the check and the queue.
             let done = self.queue(message)?;
@@ -190,52 +200,68 @@ impl Outbox {
     }
 
     /// Client mode with recovery: writes what was kept while the connection was down, in
-    /// order and before anything newer. Run each time the connection comes up.
-    pub async fn flush_kept(&self) {
+    /// order and before anything newer, each write confirmed before the next page is read.
+    /// Returns `false` when it could not finish (the history did not answer, the socket went):
+    /// what was not confirmed stays kept, to be written by the next call (at least once).
+    pub async fn flush_kept(&self) -> bool {
         let Some(keeper) = &self.keeper else {
-            return;
+            return true;
         };
         let mut kept = keeper.hold().await;
-        let (expected, mut found, mut after) = (kept.pending, 0, 0);
         let sender = self.sender();
+        let mut found = 0;
         loop {
-            let frames = match keeper.history.read_page(self.id, after).await {
+            let frames = match keeper.history.read_page(self.id, kept.flushed).await {
                 Ok(frames) => frames,
                 Err(e) => {
                     tracing::warn!(session = %self.id, error = %e,
-                        "kept messages not read: they are written after the next reconnect");
-                    return;
+                        "kept messages not read yet: tried again while the connection is up");
+                    return false;
                 }
             };
-            let Some((last, _)) = frames.last() else {
+            if frames.is_empty() {
                 break;
-            };
-            after = *last;
-            found += frames.len();
-            for (_, frame) in frames {
+            }
+            let mut writes = Vec::with_capacity(frames.len());
+            for (seq, frame) in frames {
                 let Ok(text) = tokio_tungstenite::tungstenite::Utf8Bytes::try_from(frame) else {
                     continue;
                 };
+                let (ack, done) = oneshot::channel();
                 let out = Box::new(Outbound {
                     message: Message::Text(text),
-                    ack: None,
+                    ack: Some(ack),
                 });
-                // Waits for room: the socket is up and draining the queue.
-                if sender.send(out).await.is_err() {
-                    return;
+                // Waits for room: the socket is up and draining the queue (a socket that
+                // goes empties it).
+                let queued = tokio::time::timeout(self.write_timeout, sender.send(out)).await;
+                if !matches!(queued, Ok(Ok(()))) {
+                    return false;
+                }
+                writes.push((seq, done));
+            }
+            for (seq, done) in writes {
+                match tokio::time::timeout(self.write_timeout, done).await {
+                    Ok(Ok(Ok(()))) => {
+                        kept.flushed = seq;
+                        kept.pending = kept.pending.saturating_sub(1);
+                        found += 1;
+                    }
+                    _ => return false,
                 }
             }
         }
-        if found == 0 && expected == 0 {
-            return;
+        if found == 0 && kept.pending == 0 {
+            return true;
         }
         keeper.history.forget(self.id).await;
-        if found < expected {
-            tracing::warn!(session = %self.id, lost = expected - found,
+        if kept.pending > 0 {
+            tracing::warn!(session = %self.id, lost = kept.pending,
                 "messages kept while disconnected expired (HISTORY_TTL_SEC) before the reconnect");
         }
-        tracing::info!(session = %self.id, written = found, "messages kept while disconnected queued");
+        tracing::info!(session = %self.id, written = found, "messages kept while disconnected written");
         kept.pending = 0;
+        true
     }
 
     /// A receiver of the connection state (client mode: it changes with every reconnect).
@@ -262,17 +288,34 @@ impl Outbox {
         let Message::Text(text) = message else {
             return Err("with RECOVERY=true only JSON envelopes are written".to_string());
         };
-        let (written, stored) = {
-            let mut last = recovery.hold().await;
+        // A frame the socket cannot write would be missing from every resume's replay too.
+        if text.len().saturating_add(32) > self.max_frame_bytes {
+            return Err(format!(
+                "a message of {} bytes does not fit the socket's write buffer of {} bytes (the larger of 4 x MAX_MESSAGE_BYTES and 1 MiB); not sent",
+                text.len(),
+                self.max_frame_bytes
+            ));
+        }
+        let busy = || {
+            format!(
+                "session {}: the message was not sent within its deadline (a resume of the session holds its numbering, or JetStream is slow)",
+                self.id
+            )
+        };
+        let (written, stored, storing) = {
+            let mut last = recovery.hold_until(deadline).await.ok_or_else(busy)?;
             let seq = *last + 1;
             let frame = with_seq(text.as_str(), seq);
-            let stored = recovery
-                .history
-                .append(self.id, seq, frame.clone().into())
-                .await
-                .map_err(|e| format!("session {}: message not sent: {e}", self.id))?;
+            let appended = tokio::time::timeout_at(
+                deadline,
+                recovery.history.append(self.id, seq, frame.clone().into()),
+            )
+            .await
+            .map_err(|_| busy())?;
+            let stored =
+                appended.map_err(|e| format!("session {}: message not sent: {e}", self.id))?;
             *last = seq;
-            recovery.begin();
+            let storing = recovery.begin();
             let (ack, done) = oneshot::channel();
             let queued = self.sender().try_send(Box::new(Outbound {
                 message: Message::text(frame),
@@ -281,21 +324,29 @@ impl Outbox {
             let written = match queued {
                 Ok(()) => Some(done),
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    // The peer does not keep up: it resumes and reads the rest from the history.
+                    // The peer does not keep up. No later message may reach this socket past
+                    // this one: from here they are only kept, the socket is closed, and the
+                    // client resumes and reads them from the history.
+                    self.detach();
                     self.kick.notify_waiters();
                     None
                 }
                 // No socket now: kept for the client's resume.
                 Err(mpsc::error::TrySendError::Closed(_)) => None,
             };
-            (written, stored)
+            (written, stored, storing)
         };
         // The write and the storing run side by side: the call takes the longer of the two.
         let write = async {
             match written {
                 Some(done) => match tokio::time::timeout_at(deadline, done).await {
                     Ok(Ok(Ok(()))) => true,
-                    Ok(_) => false,
+                    Ok(_) => {
+                        // The socket failed: its client resumes (and sees a gap if a later
+                        // message was written before it went).
+                        self.kick.notify_waiters();
+                        false
+                    }
                     Err(_) => {
                         if slow_on_timeout {
                             self.kick.notify_waiters();
@@ -306,7 +357,14 @@ impl Outbox {
                 None => false,
             }
         };
-        let (stored, written) = tokio::join!(recovery.end(stored, deadline), write);
+        let store = async move {
+            let stored = tokio::time::timeout_at(deadline, stored)
+                .await
+                .unwrap_or_else(|_| Err("history: not confirmed in time".to_string()));
+            drop(storing);
+            stored
+        };
+        let (stored, written) = tokio::join!(store, write);
         match stored {
             Ok(()) => Ok(()),
             Err(e) if written => {

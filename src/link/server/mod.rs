@@ -62,9 +62,15 @@ impl Listener {
         let lifecycle = server_settings.lifecycle_events;
         let server = Server::bind(server_options(settings, server_settings)).await?;
         let address = server.local_addr();
-        let resumer = history.map(|history| {
+        let tokens = match history {
+            Some(_) => Some(crate::recovery::tokens()?),
+            None => None,
+        };
+        let resumer = history.zip(tokens).map(|(history, tokens)| {
             Arc::new(Resumer::new(
                 history,
+                tokens,
+                server_settings.max_connections,
                 component_id,
                 link_name,
                 lifecycle,
@@ -115,6 +121,7 @@ fn server_options(settings: &LinkSettings, server: &ServerSettings) -> ServerOpt
         max_handshakes_per_address: server.max_handshakes_per_address,
         max_message_bytes: settings.max_message_bytes,
         keepalive: settings.keepalive.into(),
+        resume: settings.recovery.is_some(),
     }
 }
 

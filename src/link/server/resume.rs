@@ -13,9 +13,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -24,7 +24,7 @@ use uuid::Uuid;
 use super::{lifecycle_message, Acceptor, Guard, NewSession, LIFECYCLE_EXPIRED};
 use crate::delivery::Inbound;
 use crate::recovery::history::ReadError;
-use crate::recovery::{link_tag, tokens, History, Sequencer};
+use crate::recovery::{link_tag, History, Sequencer, Tokens};
 use crate::session::{Registry, Session};
 use crate::task::OwnedTask;
 use crate::ws::server::{Opened, PeerInfo};
@@ -33,6 +33,14 @@ use crate::ws::socket::{Closed, ConnState, Outbound};
 /// How long a resume waits for the session's old socket to answer a ping before it counts as
 /// gone (a TCP cut leaves it looking open).
 const PROBE_WAIT: Duration = Duration::from_secs(3);
+
+/// How long after a resume the token it used is still taken (by a client whose new socket
+/// failed before the session frame came), when the new socket does not answer a ping.
+const RETRY_GRACE: Duration = Duration::from_secs(30);
+
+/// Resumes reading their replay at once, across the provider (each reads at most
+/// `MAX_READ_BYTES`): the memory a burst of resumes can take.
+static REPLAYS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 
 /// The close code of a client that leaves a socket to resume on another: its session waits.
 pub const RECONNECTING: u16 = 4000;
@@ -48,6 +56,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The recoverable sessions of one link.
 pub(super) struct Resumer {
     history: Arc<History>,
+    tokens: &'static Tokens,
+    /// Sessions that may wait for their clients at once (`MAX_CONNECTIONS`); past it the one
+    /// that has waited longest ends.
+    max_waiting: usize,
     tag: [u8; 8],
     link_name: String,
     lifecycle: bool,
@@ -73,7 +85,33 @@ struct Conn {
     cancel: Option<CancellationToken>,
     /// Ends the session when its client does not come back in time.
     expiry: Option<OwnedTask>,
+    /// Since when the session has waited for its client (no socket).
+    waiting_since: Option<Instant>,
+    /// When the current connection resumed the session (its predecessor's token is still
+    /// taken for [`RETRY_GRACE`] while its session frame was not written: the client may
+    /// never have got the new token).
+    resumed_at: Option<Instant>,
+    /// How the write of the current connection's session frame ended, once it has.
+    welcome: Option<oneshot::Receiver<Result<(), String>>>,
+    welcomed: bool,
     ended: bool,
+}
+
+impl Conn {
+    /// Whether the current connection's session frame (with its token) was written.
+    fn welcomed(&mut self) -> bool {
+        if let Some(welcome) = self.welcome.as_mut() {
+            match welcome.try_recv() {
+                Ok(Ok(())) => {
+                    self.welcomed = true;
+                    self.welcome = None;
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {}
+                Ok(Err(_)) | Err(oneshot::error::TryRecvError::Closed) => self.welcome = None,
+            }
+        }
+        self.welcomed
+    }
 }
 
 /// What a resume could give back of what the client missed.
@@ -123,6 +161,8 @@ fn refuse(close: u16, code: &str, message: &str) -> Opened<Inbound, Guard> {
 impl Resumer {
     pub(super) fn new(
         history: Arc<History>,
+        tokens: &'static Tokens,
+        max_waiting: usize,
         component_id: &str,
         link_name: &str,
         lifecycle: bool,
@@ -130,6 +170,8 @@ impl Resumer {
     ) -> Self {
         Self {
             history,
+            tokens,
+            max_waiting,
             tag: link_tag(component_id, link_name),
             link_name: link_name.to_string(),
             lifecycle,
@@ -148,7 +190,7 @@ impl Resumer {
         let Some(resume) = peer.resume.take() else {
             return self.open_new(acceptor, peer, cancel, None).await;
         };
-        let claims = match tokens().verify(&resume.token, self.tag) {
+        let claims = match self.tokens.verify(&resume.token, self.tag) {
             Ok(claims) => claims,
             Err(why) => return refuse(REFUSED, "resume_refused", why),
         };
@@ -180,7 +222,7 @@ impl Resumer {
             state,
         } = acceptor.new_session(peer, Some(Arc::clone(&sequencer)));
         let id = session.id;
-        let token = tokens().issue(id, self.tag, 1);
+        let token = self.tokens.issue(id, self.tag, 1);
         let first = welcome(
             id,
             &token,
@@ -200,6 +242,10 @@ impl Resumer {
                 generation: 1,
                 cancel: Some(cancel),
                 expiry: None,
+                waiting_since: None,
+                resumed_at: None,
+                welcome: None,
+                welcomed: true,
                 ended: false,
             }),
             resuming: tokio::sync::Mutex::new(()),
@@ -229,14 +275,26 @@ impl Resumer {
         cancel: CancellationToken,
     ) -> Opened<Inbound, Guard> {
         let _one = kept.resuming.lock().await;
-        let (current, old, ended) = {
-            let conn = lock(&kept.conn);
-            (conn.generation, conn.cancel.clone(), conn.ended)
+        let (current, old, ended, resumed_at, welcomed) = {
+            let mut conn = lock(&kept.conn);
+            (
+                conn.generation,
+                conn.cancel.clone(),
+                conn.ended,
+                conn.resumed_at,
+                conn.welcomed(),
+            )
         };
         if ended {
             return refuse(REFUSED, "resume_refused", "the session has ended");
         }
-        if generation != current {
+        // The token of the connection before the current one is taken shortly after a resume:
+        // its client may never have got the new one (the probe below still refuses it while
+        // the current socket answers).
+        let retry = generation.wrapping_add(1) == current
+            && !welcomed
+            && resumed_at.is_some_and(|t| t.elapsed() < RETRY_GRACE);
+        if generation != current && !retry {
             return refuse(
                 REFUSED,
                 "resume_refused",
@@ -250,19 +308,22 @@ impl Resumer {
                 "the session's socket is connected: a resume token is used by one client at a time",
             );
         }
-        let next = generation.wrapping_add(1);
-        {
+        let next = current.wrapping_add(1);
+        let expiry = {
             let mut conn = lock(&kept.conn);
-            if conn.ended {
+            if conn.ended || conn.generation != current {
                 return refuse(REFUSED, "resume_refused", "the session has ended");
             }
             // From here the old socket's end is not the session's: it was replaced.
             conn.generation = next;
-            conn.expiry = None;
+            conn.waiting_since = None;
+            conn.resumed_at = Some(Instant::now());
             if let Some(old) = conn.cancel.take() {
                 old.cancel();
             }
-        }
+            conn.expiry.take()
+        };
+        drop(expiry);
         let session = &kept.session;
         let Some(sequencer) = session.outbox.recovery() else {
             return refuse(REFUSED, "resume_refused", "the session keeps no history");
@@ -270,8 +331,11 @@ impl Resumer {
         let numbering = sequencer.hold().await;
         sequencer.settled().await;
         let seq = *numbering;
-        let replay = self.replay(session.id, last_seq, seq).await;
-        let token = tokens().issue(session.id, self.tag, next);
+        let replay = {
+            let _turn = REPLAYS.acquire().await;
+            self.replay(session.id, last_seq, seq).await
+        };
+        let token = self.tokens.issue(session.id, self.tag, next);
         let queue_len = acceptor.settings.send_queue_len + replay.frames.len() + 1;
         let (tx, outbound) = mpsc::channel::<Box<Outbound>>(queue_len);
         let first = welcome(
@@ -283,13 +347,16 @@ impl Resumer {
             replay.reason,
             replay.recovered.then_some(replay.frames.len()),
         );
-        let frames = std::iter::once(Message::text(first)).chain(
-            replay
-                .frames
-                .into_iter()
-                .filter_map(|f| tokio_tungstenite::tungstenite::Utf8Bytes::try_from(f).ok())
-                .map(Message::Text),
-        );
+        let (written, welcome) = oneshot::channel();
+        let _ = tx.try_send(Box::new(Outbound {
+            message: Message::text(first),
+            ack: Some(written),
+        }));
+        let frames = replay
+            .frames
+            .into_iter()
+            .filter_map(|f| tokio_tungstenite::tungstenite::Utf8Bytes::try_from(f).ok())
+            .map(Message::Text);
         for message in frames {
             let _ = tx.try_send(Box::new(Outbound { message, ack: None }));
         }
@@ -297,7 +364,12 @@ impl Resumer {
         kept.state.send_replace(ConnState::Connected {
             since: SystemTime::now(),
         });
-        lock(&kept.conn).cancel = Some(cancel);
+        {
+            let mut conn = lock(&kept.conn);
+            conn.cancel = Some(cancel);
+            conn.welcome = Some(welcome);
+            conn.welcomed = false;
+        }
         drop(numbering);
         info!(session = %session.id, recovered = replay.recovered, reason = replay.reason, "session resumed");
         acceptor.announce(
@@ -373,7 +445,7 @@ impl Resumer {
     ) {
         let resumable = matches!(closed.code, 1006 | 1008 | RECONNECTING)
             && !kept.session.outbox.closed_by_provider();
-        {
+        let expiry = {
             let mut conn = lock(&kept.conn);
             if conn.generation != generation || conn.ended {
                 return; // replaced by a resumed connection
@@ -384,15 +456,63 @@ impl Resumer {
                 kept.state.send_replace(ConnState::Disconnected {
                     error: closed.reason.clone(),
                 });
+                conn.waiting_since = Some(Instant::now());
                 conn.expiry = Some(self.expiry(kept, generation));
+                None
+            } else {
+                // Decided under the same lock as the check: a resume cannot slip in between.
+                conn.ended = true;
+                Some(conn.expiry.take())
+            }
+        };
+        let message = acceptor.disconnected(&kept.session, closed, resumable);
+        match expiry {
+            None => {
+                acceptor.announce(&kept.inbound, message);
+                self.evict_over_cap();
+            }
+            Some(expiry) => {
+                drop(expiry);
+                self.finish(kept, Some(message));
             }
         }
-        let message = acceptor.disconnected(&kept.session, closed, resumable);
-        if resumable {
-            acceptor.announce(&kept.inbound, message);
-        } else {
-            self.end(kept, Some(message));
+    }
+
+    /// Ends the sessions that have waited longest while more than `max_waiting` wait.
+    fn evict_over_cap(&self) {
+        let mut waiting: Vec<(Instant, Arc<Kept>)> = lock(&self.sessions)
+            .values()
+            .filter_map(|k| {
+                let since = lock(&k.conn).waiting_since?;
+                Some((since, Arc::clone(k)))
+            })
+            .collect();
+        if waiting.len() <= self.max_waiting {
+            return;
         }
+        waiting.sort_by_key(|(since, _)| *since);
+        let over = waiting.len() - self.max_waiting;
+        for (since, kept) in waiting.into_iter().take(over) {
+            tracing::warn!(session = %kept.session.id,
+                "more sessions wait for their clients than MAX_CONNECTIONS: the one that waited longest ends");
+            self.end_if(
+                &kept,
+                |c| c.waiting_since == Some(since),
+                self.expired(&kept),
+            );
+        }
+    }
+
+    /// The `ws.lifecycle.expired` message of `kept`.
+    fn expired(
+        &self,
+        kept: &Kept,
+    ) -> Option<crate::bindings::wasmcloud::messaging::types::BrokerMessage> {
+        let body = serde_json::json!({
+            "session": kept.session.id.to_string(),
+            "link": self.link_name,
+        });
+        Some(lifecycle_message(LIFECYCLE_EXPIRED, body, None))
     }
 
     /// Ends `kept` after `HISTORY_TTL_SEC` unless connection `generation` was resumed.
@@ -408,32 +528,26 @@ impl Resumer {
             let (Some(resumer), Some(kept)) = (resumer.upgrade(), kept.upgrade()) else {
                 return;
             };
-            let waiting = {
-                let conn = lock(&kept.conn);
-                conn.generation == generation && conn.cancel.is_none()
-            };
-            if waiting {
-                let body = serde_json::json!({
-                    "session": kept.session.id.to_string(),
-                    "link": resumer.link_name,
-                });
-                resumer.end(
-                    &kept,
-                    Some(lifecycle_message(LIFECYCLE_EXPIRED, body, None)),
-                );
-            }
+            let expired = resumer.expired(&kept);
+            resumer.end_if(
+                &kept,
+                |c| c.generation == generation && c.cancel.is_none(),
+                expired,
+            );
         })
     }
 
-    /// Ends a session for good: unregistered, its history forgotten, `last` its farewell.
-    fn end(
+    /// Ends a session for good when `decide` says so of its connection, checked and marked
+    /// under one lock (a resume cannot take it in between).
+    fn end_if(
         &self,
         kept: &Arc<Kept>,
+        decide: impl FnOnce(&Conn) -> bool,
         last: Option<crate::bindings::wasmcloud::messaging::types::BrokerMessage>,
     ) {
         let expiry = {
             let mut conn = lock(&kept.conn);
-            if conn.ended {
+            if conn.ended || !decide(&conn) {
                 return;
             }
             conn.ended = true;
@@ -441,6 +555,16 @@ impl Resumer {
             conn.expiry.take()
         };
         drop(expiry);
+        self.finish(kept, last);
+    }
+
+    /// What ending a session marked ended does: unregistered, its history forgotten, `last`
+    /// its farewell.
+    fn finish(
+        &self,
+        kept: &Arc<Kept>,
+        last: Option<crate::bindings::wasmcloud::messaging::types::BrokerMessage>,
+    ) {
         let id = kept.session.id;
         {
             let mut sessions = lock(&self.sessions);

@@ -64,13 +64,16 @@ pub(super) fn admit(
         check_origin(request, allowed)?;
     }
     let subprotocol = choose_subprotocol(request, &mut response, &options.subprotocols)?;
-    let resume = resume(uri.query())?;
+    let resume = match options.resume {
+        true => resume(uri.query())?,
+        false => None,
+    };
     let slot = take_slot(active, options.max_connections)?;
     let peer = PeerInfo {
         addr,
         resume,
         path: uri.path().to_string(),
-        query: strip_token(uri.query()),
+        query: strip_token(uri.query(), options.resume),
         headers: session_headers(request, &options.session_headers),
         subprotocol,
     };
@@ -217,13 +220,15 @@ fn session_headers(request: &Request, names: &[String]) -> Vec<(String, String)>
         .collect()
 }
 
-/// The query string without the `access_token`, `resume` and `last_seq` parameters: the other
-/// parameters in order, re-encoded, or `None` when nothing else is left. A query without them
-/// is kept as is.
-fn strip_token(query: Option<&str>) -> Option<String> {
+/// The query string without the `access_token` parameter (and, on a link with recovery, the
+/// `resume` and `last_seq` parameters): the other parameters in order, re-encoded, or `None`
+/// when nothing else is left. A query without them is kept as is.
+fn strip_token(query: Option<&str>, resume: bool) -> Option<String> {
     let query = query?;
     let pairs = form_urlencoded::parse(query.as_bytes());
-    let ours = |k: &str| [TOKEN_QUERY_PARAM, RESUME_QUERY_PARAM, LAST_SEQ_QUERY_PARAM].contains(&k);
+    let ours = |k: &str| {
+        k == TOKEN_QUERY_PARAM || (resume && (k == RESUME_QUERY_PARAM || k == LAST_SEQ_QUERY_PARAM))
+    };
     if !pairs.clone().any(|(k, _)| ours(&k)) {
         return Some(query.to_string());
     }
@@ -260,6 +265,7 @@ mod tests {
             max_handshakes_per_address: 2,
             max_message_bytes: 1024,
             keepalive: Keepalive::default(),
+            resume: false,
         }
     }
 
@@ -373,8 +379,13 @@ mod tests {
             assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{bad}");
         }
         assert_eq!(
-            strip_token(Some("resume=tok&last_seq=3&room=7")).as_deref(),
+            strip_token(Some("resume=tok&last_seq=3&room=7"), true).as_deref(),
             Some("room=7")
+        );
+        // Without recovery on the link they are the application's own parameters.
+        assert_eq!(
+            strip_token(Some("resume=tok&last_seq=3&room=7"), false).as_deref(),
+            Some("resume=tok&last_seq=3&room=7")
         );
         assert!(!format!(
             "{:?}",
@@ -389,28 +400,32 @@ mod tests {
     #[test]
     fn the_access_token_never_reaches_the_query() {
         assert_eq!(
-            strip_token(Some("access_token=t0k&room=7")).as_deref(),
+            strip_token(Some("access_token=t0k&room=7"), false).as_deref(),
             Some("room=7")
         );
         assert_eq!(
-            strip_token(Some("a=1&access_token=t0k&b=x%20y&access_token=again")).as_deref(),
+            strip_token(
+                Some("a=1&access_token=t0k&b=x%20y&access_token=again"),
+                false
+            )
+            .as_deref(),
             Some("a=1&b=x+y")
         );
         // An encoded name is still the token parameter (admission decodes it the same way).
         assert_eq!(
-            strip_token(Some("access%5Ftoken=t0k&z=1")).as_deref(),
+            strip_token(Some("access%5Ftoken=t0k&z=1"), false).as_deref(),
             Some("z=1")
         );
-        assert_eq!(strip_token(Some("access_token=t0k")), None);
-        assert_eq!(strip_token(Some("access_token=")), None);
-        assert_eq!(strip_token(None), None);
+        assert_eq!(strip_token(Some("access_token=t0k"), false), None);
+        assert_eq!(strip_token(Some("access_token="), false), None);
+        assert_eq!(strip_token(None, false), None);
         // Without the parameter the query is kept exactly as sent.
         assert_eq!(
-            strip_token(Some("flag&x=%41")).as_deref(),
+            strip_token(Some("flag&x=%41"), false).as_deref(),
             Some("flag&x=%41")
         );
         assert_eq!(
-            strip_token(Some("access_tokens=1")).as_deref(),
+            strip_token(Some("access_tokens=1"), false).as_deref(),
             Some("access_tokens=1")
         );
 

@@ -74,6 +74,8 @@ pub struct ServerOptions {
     pub max_handshakes_per_address: usize,
     pub max_message_bytes: usize,
     pub keepalive: Keepalive,
+    /// Read (and remove from the query) the `resume` and `last_seq` parameters.
+    pub resume: bool,
 }
 
 /// What an admitted client's upgrade request said.
