@@ -1,8 +1,8 @@
 //! The load generator: closed loop with a window of messages in flight per session, open loop at
 //! a fixed rate, and many idle sessions that receive fan-out.
 //!
-//! Every message carries its sequence number after a marker byte; a session's echoes must come
-//! back in order. Closed loop records each round trip from its send; open loop records it from
+//! Every message carries its sequence number after a marker byte (on a `FORMAT=json` target, in
+//! hex at the start of the envelope's text body); a session's echoes must come back in order. Closed loop records each round trip from its send; open loop records it from
 //! the moment the schedule meant to send it, so a stall shows up in the percentiles instead of
 //! slowing the sender (no coordinated omission). Any echo that takes over 10 s counts as hung
 //! and ends its session.
@@ -47,6 +47,15 @@ pub enum Target {
     Tcp(u16),
     /// B1 and P: a WebSocket endpoint that echoes.
     Ws(u16),
+    /// A `FORMAT=json` server link of P: envelopes out, envelopes back (see [`JsonRx`]); with
+    /// `ack`, every envelope asks for an acknowledgment and a message is done when both its echo
+    /// and its `{"ack": ...}` answer are back; with `recovery` (`RECOVERY=true`), every
+    /// connection opens with a session frame and every echo carries the next `seq`.
+    Json {
+        port: u16,
+        ack: bool,
+        recovery: bool,
+    },
     /// B2: NATS request/reply to `bench.echo`.
     Nats(String),
     /// B3: a wRPC `handle-message` call to the stand-in's no-op server.
@@ -148,14 +157,49 @@ pub(crate) fn seq_of(payload: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(payload.get(1..HEADER)?.try_into().ok()?))
 }
 
+/// The body of a JSON message: `#`, the sequence number in 16 hex digits, then filler up to
+/// `size` (text, so that it travels as the envelope's `body`).
+fn json_body(seq: u64, size: usize) -> String {
+    let mut b = format!("#{seq:016x}");
+    let n = size.saturating_sub(b.len());
+    b.extend(std::iter::repeat_n('x', n));
+    b
+}
+
+fn json_seq_of(body: &str) -> Option<u64> {
+    u64::from_str_radix(body.get(1..17)?, 16).ok()
+}
+
+/// Message `seq` as an envelope; with `ack` (the session's tag) it asks for an acknowledgment,
+/// its ID `<tag>-<seq>`.
+fn envelope(seq: u64, size: usize, ack: Option<u64>) -> String {
+    let body = json_body(seq, size);
+    match ack {
+        Some(tag) => {
+            format!(r#"{{"subject":"bench","body":"{body}","id":"{tag}-{seq}","ack":true}}"#)
+        }
+        None => format!(r#"{{"subject":"bench","body":"{body}"}}"#),
+    }
+}
+
+/// Tells the sessions' acknowledgment IDs apart (an ID is `<session>-<seq>`).
+static SESSIONS: AtomicU64 = AtomicU64::new(0);
+
+/// What an echo that does not match what was sent returns (never a sequence number sent in a
+/// measured run): an ack answer for another message, a gap in the recovery numbering.
+const MISMATCH: u64 = u64::MAX - 1;
+
 pub(crate) enum Tx {
     Tcp(OwnedWriteHalf),
     Ws(SplitSink<Ws, Message>),
+    /// `FORMAT=json`: `Some(session tag)` when every envelope asks for an ack.
+    Json(SplitSink<Ws, Message>, Option<u64>),
 }
 
 pub(crate) enum Rx {
     Tcp(OwnedReadHalf, Vec<u8>),
     Ws(SplitStream<Ws>),
+    Json(Box<JsonRx>),
 }
 
 impl Tx {
@@ -163,16 +207,106 @@ impl Tx {
         match self {
             Tx::Tcp(w) => w.write_all(&f).await?,
             Tx::Ws(w) => w.feed(Message::binary(f)).await?,
+            Tx::Json(w, ack) => {
+                let seq = seq_of(&f).context("short frame")?;
+                w.feed(Message::text(envelope(seq, f.len(), *ack))).await?;
+            }
         }
         Ok(())
+    }
+
+    /// Feeds message `seq` of `size` bytes: a [`frame`], or for `FORMAT=json` an envelope
+    /// `{"subject":"bench","body":"<json_body>"}` (with `"id"` and `"ack":true` when acked).
+    pub(crate) async fn message(&mut self, seq: u64, size: usize) -> Result<()> {
+        match self {
+            Tx::Json(w, ack) => {
+                w.feed(Message::text(envelope(seq, size, *ack))).await?;
+                Ok(())
+            }
+            _ => self.feed(frame(seq, size)).await,
+        }
     }
 
     pub(crate) async fn flush(&mut self) -> Result<()> {
         match self {
             Tx::Tcp(w) => w.flush().await?,
-            Tx::Ws(w) => w.flush().await?,
+            Tx::Ws(w) | Tx::Json(w, _) => w.flush().await?,
         }
         Ok(())
+    }
+}
+
+/// The receiving half of a `FORMAT=json` session. With `RECOVERY=true` it checks that the first
+/// frame is a session frame (and skips it) and that the `seq` of the echoes goes up by one from
+/// the session frame's (a gap makes the echo count as misordered); without, a session frame is
+/// an error. An error frame or an ack answer with `ok: false` fails the session.
+pub(crate) struct JsonRx {
+    ws: SplitStream<Ws>,
+    ack: bool,
+    recovery: bool,
+    /// Whether a frame came already.
+    opened: bool,
+    /// The last recovery `seq` seen.
+    numbered: u64,
+    /// Echoes and ack answers that arrived and were not yet paired.
+    echoes: std::collections::VecDeque<u64>,
+    acks: std::collections::VecDeque<u64>,
+}
+
+impl JsonRx {
+    async fn next(&mut self) -> Result<u64> {
+        loop {
+            if self.ack {
+                if !self.echoes.is_empty() && !self.acks.is_empty() {
+                    let (echo, ack) = (self.echoes.pop_front(), self.acks.pop_front());
+                    return Ok(if echo == ack {
+                        echo.unwrap_or(MISMATCH)
+                    } else {
+                        MISMATCH
+                    });
+                }
+            } else if let Some(echo) = self.echoes.pop_front() {
+                return Ok(echo);
+            }
+            let data = match self.ws.next().await {
+                Some(Ok(m)) if m.is_binary() || m.is_text() => m.into_data(),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e.into()),
+                None => bail!("connection closed"),
+            };
+            let v: serde_json::Value = serde_json::from_slice(&data).context("not JSON")?;
+            let first = !std::mem::replace(&mut self.opened, true);
+            if let Some(session) = v.get("session") {
+                if !(self.recovery && first) {
+                    bail!("unexpected session frame: {session}");
+                }
+                self.numbered = session["seq"]
+                    .as_u64()
+                    .context("a session frame without seq")?;
+            } else if first && self.recovery {
+                bail!("the first frame is not a session frame: {v}");
+            } else if let Some(error) = v.get("error") {
+                bail!("error frame: {error}");
+            } else if let Some(ack) = v.get("ack") {
+                if ack["ok"] != serde_json::Value::Bool(true) {
+                    bail!("ack answer not ok: {ack}");
+                }
+                let id = ack["id"].as_str().and_then(|id| id.rsplit_once('-'));
+                let seq = id.and_then(|(_, s)| s.parse().ok()).unwrap_or(MISMATCH);
+                self.acks.push_back(seq);
+            } else {
+                let body = v["body"].as_str().context("an echo without a text body")?;
+                let mut seq = json_seq_of(body).context("short echo")?;
+                if self.recovery {
+                    let numbered = v["seq"].as_u64();
+                    if numbered != Some(self.numbered + 1) {
+                        seq = MISMATCH;
+                    }
+                    self.numbered = numbered.unwrap_or(self.numbered + 1);
+                }
+                self.echoes.push_back(seq);
+            }
+        }
     }
 }
 
@@ -194,7 +328,26 @@ impl Rx {
                     None => bail!("connection closed"),
                 }
             },
+            Rx::Json(r) => r.next().await,
         }
+    }
+}
+
+/// Ends a `FORMAT=json` session with a close frame (1000) and waits briefly for the provider's
+/// close: with `RECOVERY=true` a connection that just drops leaves its session waiting for a
+/// resume (`HISTORY_TTL_SEC`), a clean close ends it. Other streams are just dropped.
+pub(crate) async fn close_stream(tx: Tx, rx: Rx) {
+    if let (Tx::Json(mut w, _), Rx::Json(mut r)) = (tx, rx) {
+        use tokio_tungstenite::tungstenite::protocol::frame::{coding::CloseCode, CloseFrame};
+        let normal = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "done".into(),
+        };
+        let _ = w.send(Message::Close(Some(normal))).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(_)) = r.ws.next().await {}
+        })
+        .await;
     }
 }
 
@@ -211,6 +364,24 @@ pub(crate) async fn open_stream(
         Target::Ws(port) => {
             let (w, r) = ws_connect(sources, *port).await?.split();
             (Tx::Ws(w), Rx::Ws(r))
+        }
+        Target::Json {
+            port,
+            ack,
+            recovery,
+        } => {
+            let (w, r) = ws_connect(sources, *port).await?.split();
+            let tag = ack.then(|| SESSIONS.fetch_add(1, Ordering::Relaxed));
+            let rx = JsonRx {
+                ws: r,
+                ack: *ack,
+                recovery: *recovery,
+                opened: false,
+                numbered: 0,
+                echoes: Default::default(),
+                acks: Default::default(),
+            };
+            (Tx::Json(w, tag), Rx::Json(Box::new(rx)))
         }
         _ => bail!("not a stream target"),
     })
@@ -232,6 +403,10 @@ impl Counts {
     }
 }
 
+/// What a session's task returns: its latencies, and its stream if it is one (closed by
+/// [`finish`] once the clock has stopped).
+type Ended = (Histogram<u64>, Option<(Tx, Rx)>);
+
 /// One stream session: a sender paced by `pace`, and a receiver that checks order and timing.
 async fn stream_session(
     mut tx: Tx,
@@ -239,7 +414,7 @@ async fn stream_session(
     pace: Pace,
     size: usize,
     counts: Arc<Counts>,
-) -> Histogram<u64> {
+) -> Ended {
     let window = match pace {
         Pace::Closed { window, .. } => window,
         Pace::Open { .. } => 100_000,
@@ -262,7 +437,7 @@ async fn stream_session(
                 };
                 // Take what the window allows now, feed those frames, flush once.
                 let Ok(p) = permits.acquire().await else {
-                    return;
+                    return tx;
                 };
                 p.forget();
                 // Closed loop: a round trip starts when its frame goes out, not while the
@@ -282,18 +457,19 @@ async fn stream_session(
                 }
                 for _ in 0..batch {
                     let _ = sent_tx.send((seq, at));
-                    if tx.feed(frame(seq, size)).await.is_err() {
-                        return;
+                    if tx.message(seq, size).await.is_err() {
+                        return tx;
                     }
                     seq += 1;
                 }
                 if tx.flush().await.is_err() {
-                    return;
+                    return tx;
                 }
             }
+            tx
         }
     };
-    let receiver = async {
+    let receiver = async move {
         let mut hist = histogram();
         while let Some((seq, at)) = sent_rx.recv().await {
             match tokio::time::timeout(HUNG_AFTER, rx.next()).await {
@@ -314,11 +490,11 @@ async fn stream_session(
         }
         // Stops a sender waiting for the window after a failure.
         permits.close();
-        hist
+        (hist, rx)
     };
     // The receiver ends when the sender is done and everything sent has come back (or hung).
-    let (_, hist) = tokio::join!(sender, receiver);
-    hist
+    let (tx, (hist, rx)) = tokio::join!(sender, receiver);
+    (hist, Some((tx, rx)))
 }
 
 /// One request/reply session (B2, B3): `window` callers, each one request at a time.
@@ -404,11 +580,11 @@ pub async fn run(
     let counts = Arc::new(Counts::default());
     let mut tasks = Vec::with_capacity(sessions);
     match target {
-        Target::Tcp(_) | Target::Ws(_) => {
+        Target::Tcp(_) | Target::Ws(_) | Target::Json { .. } => {
             let mut streams = Vec::with_capacity(sessions);
             for _ in 0..sessions {
                 let (mut tx, mut rx) = open_stream(target, sources, size).await?;
-                tx.feed(frame(u64::MAX, size)).await?;
+                tx.message(u64::MAX, size).await?;
                 tx.flush().await?;
                 tokio::time::timeout(HUNG_AFTER, rx.next())
                     .await
@@ -437,9 +613,10 @@ pub async fn run(
                 let (target, counts) = (target.clone(), Arc::clone(&counts));
                 let pace = pace();
                 tasks.push(tokio::spawn(async move {
-                    call_session(target, window, pace, size, counts)
+                    let hist = call_session(target, window, pace, size, counts)
                         .await
-                        .unwrap_or_else(|_| histogram())
+                        .unwrap_or_else(|_| histogram());
+                    (hist, None)
                 }));
             }
             finish(tasks, started, counts).await
@@ -448,17 +625,22 @@ pub async fn run(
 }
 
 async fn finish(
-    tasks: Vec<tokio::task::JoinHandle<Histogram<u64>>>,
+    tasks: Vec<tokio::task::JoinHandle<Ended>>,
     started: Instant,
     counts: Arc<Counts>,
 ) -> Result<Run> {
     let mut hist = histogram();
+    let mut streams = Vec::new();
     for t in tasks {
-        hist.add(t.await?)?;
+        let (h, stream) = t.await?;
+        hist.add(h)?;
+        streams.extend(stream);
     }
+    let secs = started.elapsed().as_secs_f64();
+    futures::future::join_all(streams.into_iter().map(|(tx, rx)| close_stream(tx, rx))).await;
     Ok(Run {
         msgs: counts.done.load(Ordering::Relaxed),
-        secs: started.elapsed().as_secs_f64(),
+        secs,
         hist,
         hung: counts.hung.load(Ordering::Relaxed),
         failed: counts.failed.load(Ordering::Relaxed),

@@ -271,6 +271,35 @@ pub async fn start_provider(bin: &str, nats_url: &str, port: u16) -> Result<toki
     start_replica(bin, nats_url, port, "bench-host").await
 }
 
+/// The ports of the `FORMAT=json` server links of [`start_provider_json`].
+#[derive(Clone, Copy)]
+pub struct JsonPorts {
+    /// Link `bench-json`: `FORMAT=json`.
+    pub json: u16,
+    /// Link `bench-recovery`: `FORMAT=json`, `RECOVERY=true`.
+    pub recovery: u16,
+}
+
+/// [`start_provider`] with two more server links to the stand-in for the cost of recovery and
+/// acknowledgments (issue 16, `json.rs`): same settings as the first, but `FORMAT=json`, one of
+/// them with `RECOVERY=true` (its history in the bench's JetStream).
+pub async fn start_provider_json(
+    bin: &str,
+    nats_url: &str,
+    port: u16,
+    json: JsonPorts,
+) -> Result<tokio::process::Child> {
+    let links = [
+        server_link("bench-json", json.json, &[("FORMAT", "json")]),
+        server_link(
+            "bench-recovery",
+            json.recovery,
+            &[("FORMAT", "json"), ("RECOVERY", "true")],
+        ),
+    ];
+    start_with(bin, nats_url, port, "bench-host", &links).await
+}
+
 /// [`start_provider`] as if on host `host_id`: replicas differ only in their host and port.
 pub async fn start_replica(
     bin: &str,
@@ -278,7 +307,39 @@ pub async fn start_replica(
     port: u16,
     host_id: &str,
 ) -> Result<tokio::process::Child> {
-    let host_data = serde_json::json!({
+    start_with(bin, nats_url, port, host_id, &[]).await
+}
+
+/// A server-mode handler link named `name` from the provider to the stand-in on `port`, with
+/// `config` over the bench's settings.
+fn server_link(name: &str, port: u16, config: &[(&str, &str)]) -> serde_json::Value {
+    let mut source_config = serde_json::json!({
+        "MODE": "server",
+        "LISTEN_ADDRESS": format!("127.0.0.1:{port}"),
+        "MAX_CONNECTIONS": "100000",
+        // The load generator opens 100 handshakes at once from one address.
+        "MAX_HANDSHAKES_PER_ADDRESS": "65536",
+        "MAX_PENDING_HANDSHAKES": "65536",
+    });
+    for (k, v) in config {
+        source_config[*k] = serde_json::Value::from(*v);
+    }
+    serde_json::json!({
+        "source_id": PROVIDER_ID, "target": STANDIN_ID, "name": name,
+        "wit_namespace": "wasmcloud", "wit_package": "messaging", "interfaces": ["handler"],
+        "source_config": source_config,
+        "target_config": {}
+    })
+}
+
+async fn start_with(
+    bin: &str,
+    nats_url: &str,
+    port: u16,
+    host_id: &str,
+    extra_links: &[serde_json::Value],
+) -> Result<tokio::process::Child> {
+    let mut host_data = serde_json::json!({
         "host_id": host_id,
         "lattice_rpc_prefix": LATTICE,
         "link_name": "default",
@@ -318,6 +379,9 @@ pub async fn start_replica(
         "provider_xkey_private_key": "",
         "structured_logging": false
     });
+    if let Some(links) = host_data["link_definitions"].as_array_mut() {
+        links.extend(extra_links.iter().cloned());
+    }
     let line = base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&host_data)?);
     let mut child = tokio::process::Command::new(bin)
         .env_clear()
