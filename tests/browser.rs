@@ -171,14 +171,8 @@ poll();
 
 /// Sends a command envelope and returns the body of the answer.
 async fn command(peer: &mut common::ws::ClientPeer, text: &str) -> Result<String> {
-    peer.send_json(serde_json::json!({"subject": "cmd", "body": text}))
-        .await?;
-    loop {
-        let answer = peer.recv_json().await?;
-        if answer.get("session").is_none() {
-            return Ok(answer["body"].as_str().unwrap_or_default().to_string());
-        }
-    }
+    let answer = peer.command_envelope(text).await?;
+    Ok(answer["body"].as_str().unwrap_or_default().to_string())
 }
 
 /// The next report of the page that starts with `kind=`, URL-decoded.

@@ -23,11 +23,18 @@ async fn welcome(peer: &mut ClientPeer) -> Result<Value> {
         .with_context(|| format!("the first frame is not the session frame: {frame}"))
 }
 
+/// Connects to `url` and reads the session frame: the peer, its session ID and resume token.
+async fn open_session(url: &str) -> Result<(ClientPeer, Value, String, String)> {
+    let mut peer = connect(&format!("{url}/"), &[]).await?;
+    let first = welcome(&mut peer).await?;
+    let id = first["id"].as_str().context("session id")?.to_string();
+    let token = first["token"].as_str().context("token")?.to_string();
+    Ok((peer, first, id, token))
+}
+
 /// Sends a command envelope and returns the body of the answer (and checks its `seq`).
 async fn command(peer: &mut ClientPeer, text: &str) -> Result<String> {
-    peer.send_json(json!({"subject": "cmd", "body": text}))
-        .await?;
-    let answer = peer.recv_json().await?;
+    let answer = peer.command_envelope(text).await?;
     ensure!(answer["seq"].is_u64(), "a message without seq: {answer}");
     Ok(answer["body"].as_str().unwrap_or_default().to_string())
 }
@@ -95,10 +102,7 @@ async fn a_cut_off_client_resumes_and_gets_every_missed_message_in_order() -> Re
     let (url, mut monitor) = recovering_link(&env, "rec", &[("HISTORY_SIZE", "100")]).await?;
     let proxy = Blackhole::start(&url).await?;
 
-    let mut victim = connect(&format!("{}/", proxy.url), &[]).await?;
-    let first = welcome(&mut victim).await?;
-    let id = first["id"].as_str().context("session id")?.to_string();
-    let token = first["token"].as_str().context("token")?.to_string();
+    let (mut victim, first, id, token) = open_session(&proxy.url).await?;
     assert_eq!(
         (first["seq"].clone(), first["resumed"].clone()),
         (json!(0), json!(false))
@@ -249,10 +253,7 @@ async fn after_expiry_a_token_gives_a_new_session_told_it_was_not_recovered() ->
     )
     .await?;
     let proxy = Blackhole::start(&url).await?;
-    let mut victim = connect(&format!("{}/", proxy.url), &[]).await?;
-    let first = welcome(&mut victim).await?;
-    let id = first["id"].as_str().context("session id")?.to_string();
-    let token = first["token"].as_str().context("token")?.to_string();
+    let (_victim, _, id, token) = open_session(&proxy.url).await?;
 
     proxy.cut();
     let dropped = lifecycle(&mut monitor, "ws.lifecycle.disconnected", &id).await?;
@@ -300,10 +301,7 @@ async fn after_expiry_a_token_gives_a_new_session_told_it_was_not_recovered() ->
 async fn a_client_that_closes_ends_its_session_and_recovery_needs_json() -> Result<()> {
     let env = Env::start().await?;
     let (url, mut monitor) = recovering_link(&env, "bye", &[]).await?;
-    let mut client = connect(&format!("{url}/"), &[]).await?;
-    let first = welcome(&mut client).await?;
-    let id = first["id"].as_str().context("session id")?.to_string();
-    let token = first["token"].as_str().context("token")?.to_string();
+    let (mut client, _, id, token) = open_session(&url).await?;
     client.ws.close(None).await?;
     let gone = lifecycle(&mut monitor, "ws.lifecycle.disconnected", &id).await?;
     assert_eq!(gone["resumable"], false, "{gone}");
@@ -445,10 +443,7 @@ async fn a_client_that_stops_reading_is_closed_and_resumes_without_a_gap() -> Re
     let env = Env::start().await?;
     let (url, mut monitor) = recovering_link(&env, "slow", &[("SEND_QUEUE_LEN", "8")]).await?;
     let proxy = Blackhole::start(&url).await?;
-    let mut victim = connect(&format!("{}/", proxy.url), &[]).await?;
-    let first = welcome(&mut victim).await?;
-    let id = first["id"].as_str().context("session id")?.to_string();
-    let token = first["token"].as_str().context("token")?.to_string();
+    let (_victim, _, id, token) = open_session(&proxy.url).await?;
 
     // Nothing is read any more: 300 messages of 16 KiB fill the socket's buffers and its queue
     // of 8. Every publish succeeds (written or kept), and the socket is closed as slow.

@@ -233,63 +233,14 @@ async fn server_mode_clients_on_two_hosts_are_one_components_sessions() -> Resul
     env.stop().await
 }
 
-/// A TCP proxy to NATS that can cut its clients off the way a network partition does: NATS sees
-/// their connections end, while they see only silence.
-struct Partition {
-    url: String,
-    cut: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Partition {
-    async fn start(nats_url: &str) -> Result<Self> {
-        let upstream = nats_url.trim_start_matches("nats://").to_string();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("nats://{}", listener.local_addr()?);
-        let (cut, cut_rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(async move {
-            while let Ok((down, _)) = listener.accept().await {
-                let upstream = upstream.clone();
-                let mut cut_rx = cut_rx.clone();
-                tokio::spawn(async move {
-                    let (mut dr, mut dw) = down.into_split();
-                    if !*cut_rx.borrow() {
-                        let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else {
-                            return;
-                        };
-                        let (mut ur, mut uw) = up.into_split();
-                        tokio::select! {
-                            _ = tokio::io::copy(&mut dr, &mut uw) => return,
-                            _ = tokio::io::copy(&mut ur, &mut dw) => return,
-                            _ = cut_rx.wait_for(|cut| *cut) => {}
-                        }
-                    }
-                    // Cut: the NATS side is closed (dropped above); this side stays open, silent.
-                    std::future::pending::<()>().await;
-                    drop((dr, dw));
-                });
-            }
-        });
-        Ok(Self { url, cut, task })
-    }
-
-    fn cut(&self) {
-        self.cut.send_replace(true);
-    }
-}
-
-impl Drop for Partition {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_cut_off_from_nats_stops_reading_before_another_takes_over() -> Result<()> {
     let env = Env::start_bare().await?;
     let ttl = LEASE_TTL_MS.to_string();
     env.config("replica", &[("LEASE_TTL_MS", &ttl)]).await?;
-    let partition = Partition::start(&env.nats.url).await?;
+    // NATS sees the replica's connections end; the replica sees only silence.
+    let upstream = env.nats.url.trim_start_matches("nats://");
+    let partition = common::Blackhole::start_with("nats", upstream, true).await?;
     // The replica behind the proxy is the only one when the link comes: it holds the connection.
     let cut_off = env.add_host_on(&partition.url, &["replica"]).await?;
     env.component_on(&cut_off.host_id, "test_echo", "echo")

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use crate::recovery::history::token;
 use crate::session::Registry;
 use crate::task::OwnedTask;
 use wire::{Answer, Call, Op};
@@ -95,19 +96,6 @@ pub struct Cluster {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A NATS token or KV bucket name part: anything but `[A-Za-z0-9_-]` becomes `_`.
-fn token(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 impl Cluster {

@@ -46,8 +46,8 @@ pub struct History {
     pub settings: Recovery,
 }
 
-/// A NATS token or stream name part: anything but `[A-Za-z0-9_-]` becomes `_`.
-fn token(s: &str) -> String {
+/// A NATS subject token, stream or bucket name part: anything but `[A-Za-z0-9_-]` becomes `_`.
+pub fn token(s: &str) -> String {
     s.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {

@@ -740,12 +740,13 @@ pub async fn start_host(
     Ok((host_id, Box::pin(shutdown)))
 }
 
-/// A TCP proxy in front of a listener that can cut its clients off the way a dropped network
-/// does: after [`Blackhole::cut`] no byte passes either way, and neither side is closed (each
-/// sees only silence).
+/// A TCP proxy that can cut its clients off the way a dropped network does: after
+/// [`Blackhole::cut`] no byte passes either way and the client side is not closed (it sees only
+/// silence); the upstream side stays open too, or is closed (a partition as the server sees
+/// it). A client that connects after the cut gets silence.
 #[allow(dead_code)]
 pub struct Blackhole {
-    /// `ws://` URL of the proxy.
+    /// `<scheme>://<address>` of the proxy.
     pub url: String,
     cut: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -753,42 +754,51 @@ pub struct Blackhole {
 
 #[allow(dead_code)]
 impl Blackhole {
-    /// A proxy to the `ws://` URL `upstream`.
+    /// A proxy to the `ws://` URL `upstream`, keeping both sides open on a cut.
     pub async fn start(upstream: &str) -> Result<Self> {
-        let upstream = upstream
-            .trim_start_matches("ws://")
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        let address = upstream.trim_start_matches("ws://");
+        let address = address.split('/').next().unwrap_or_default();
+        Self::start_with("ws", address, false).await
+    }
+
+    /// A proxy to `upstream` (`host:port`) whose URL has `scheme`; `close_upstream`: a cut
+    /// closes the upstream side.
+    pub async fn start_with(scheme: &str, upstream: &str, close_upstream: bool) -> Result<Self> {
+        let upstream = upstream.to_string();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("ws://{}", listener.local_addr()?);
+        let url = format!("{scheme}://{}", listener.local_addr()?);
         let (cut, cut_rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             while let Ok((down, _)) = listener.accept().await {
                 let upstream = upstream.clone();
                 let mut cut_rx = cut_rx.clone();
                 tokio::spawn(async move {
-                    let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else {
-                        return;
-                    };
                     let (mut dr, mut dw) = down.into_split();
-                    let (mut ur, mut uw) = up.into_split();
-                    tokio::select! {
-                        _ = tokio::io::copy(&mut dr, &mut uw) => return,
-                        _ = tokio::io::copy(&mut ur, &mut dw) => return,
-                        _ = cut_rx.wait_for(|cut| *cut) => {}
+                    let mut kept = None;
+                    if !*cut_rx.borrow() {
+                        let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else {
+                            return;
+                        };
+                        let (mut ur, mut uw) = up.into_split();
+                        tokio::select! {
+                            _ = tokio::io::copy(&mut dr, &mut uw) => return,
+                            _ = tokio::io::copy(&mut ur, &mut dw) => return,
+                            _ = cut_rx.wait_for(|cut| *cut) => {}
+                        }
+                        if !close_upstream {
+                            kept = Some((ur, uw));
+                        }
                     }
-                    // Cut: both sides stay open and silent until the proxy is dropped.
+                    // Cut: silent until the proxy's runtime ends.
                     std::future::pending::<()>().await;
-                    drop((dr, dw, ur, uw));
+                    drop((dr, dw, kept));
                 });
             }
         });
         Ok(Self { url, cut, task })
     }
 
-    /// From now on nothing passes, and nothing is closed.
+    /// From now on nothing passes.
     pub fn cut(&self) {
         self.cut.send_replace(true);
     }

@@ -186,6 +186,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
         serde_json::from_str(&text).with_context(|| format!("not JSON: {text}"))
     }
 
+    /// Sends the test component a command as an envelope (`FORMAT=json`) and returns the
+    /// envelope of its answer (a session frame of `RECOVERY=true` before it is skipped).
+    pub async fn command_envelope(&mut self, text: &str) -> Result<serde_json::Value> {
+        self.send_json(serde_json::json!({"subject": "cmd", "body": text}))
+            .await?;
+        loop {
+            let answer = self.recv_json().await?;
+            if answer.get("session").is_none() {
+                return Ok(answer);
+            }
+        }
+    }
+
     /// The session ID of this connection, as the test component sees it.
     pub async fn session_id(&mut self) -> Result<String> {
         let subject = self.round_trip("!whoami").await?;
