@@ -231,19 +231,7 @@ async fn the_readme_client_in_a_browser_resumes_after_a_cut_and_misses_nothing()
 
     // The page's network drops (nothing passes, nothing closes); 100 messages meanwhile.
     proxy.cut();
-    let mut expected = Vec::new();
-    for i in 0..50 {
-        assert_eq!(
-            command(&mut controller, &format!("!send {id} d{i}")).await?,
-            "SENT"
-        );
-        expected.push(format!("d{i}"));
-        assert_eq!(
-            command(&mut controller, &format!("!group-send room g{i}")).await?,
-            "GROUP 1"
-        );
-        expected.push(format!("g{i}"));
-    }
+    let expected = controller.send_direct_and_to_room(&id, 50).await?;
     // The network is back, by another route: the page resumes.
     command_tx.send_replace(format!("reconnect {url}"));
     let resumed: serde_json::Value =

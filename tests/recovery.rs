@@ -133,19 +133,7 @@ async fn a_cut_off_client_resumes_and_gets_every_missed_message_in_order() -> Re
     // The network drops: nothing passes, nothing is closed. 100 messages are sent meanwhile,
     // to the session and to its group, and each send succeeds.
     proxy.cut();
-    let mut expected = Vec::new();
-    for i in 0..50 {
-        assert_eq!(
-            command(&mut controller, &format!("!send {id} d{i}")).await?,
-            "SENT"
-        );
-        expected.push(format!("d{i}"));
-        assert_eq!(
-            command(&mut controller, &format!("!group-send room g{i}")).await?,
-            "GROUP 1"
-        );
-        expected.push(format!("g{i}"));
-    }
+    let expected = controller.send_direct_and_to_room(&id, 50).await?;
 
     // The client comes back (another route) with its token and the last seq it saw.
     let mut resumed = connect(&format!("{url}/?resume={token}&last_seq=1"), &[]).await?;

@@ -199,6 +199,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
         }
     }
 
+    /// Through the test component (`FORMAT=json`), sends session `id` `n` direct messages
+    /// (`d0`, `d1`, ...) and `n` to its group `room` (`g0`, ...), alternately, each send
+    /// checked; returns the bodies in the order sent.
+    pub async fn send_direct_and_to_room(&mut self, id: &str, n: usize) -> Result<Vec<String>> {
+        let mut sent = Vec::with_capacity(2 * n);
+        for i in 0..n {
+            for (command, body, answer) in [
+                (format!("!send {id} d{i}"), format!("d{i}"), "SENT"),
+                (format!("!group-send room g{i}"), format!("g{i}"), "GROUP 1"),
+            ] {
+                let reply = self.command_envelope(&command).await?;
+                anyhow::ensure!(reply["body"] == answer, "{command}: {reply}");
+                sent.push(body);
+            }
+        }
+        Ok(sent)
+    }
+
     /// The session ID of this connection, as the test component sees it.
     pub async fn session_id(&mut self) -> Result<String> {
         let subject = self.round_trip("!whoami").await?;
