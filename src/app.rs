@@ -111,6 +111,7 @@ pub async fn run(threads: usize, warnings: Vec<String>) -> anyhow::Result<()> {
         .context("failed to run provider")?;
     let connection = get_connection();
     follow_link_deletes(&provider, connection).await;
+    catch_up_links(&provider);
     // The exports are served on the SDK's lattice connection by our own server (`wrpc`), which
     // cannot lose a caller's parameters the way wrpc-transport-nats 0.29 can.
     let server = wrpc::ExportServer::new(
@@ -157,6 +158,25 @@ async fn follow_link_deletes(
     {
         tracing::warn!(error = %format!("{error:#}"), "cannot follow link deletes; a consumer and a sessions link of the same name may be confused");
     }
+}
+
+/// Applies, in a task of its own, the links the host stored but never delivered (see
+/// `provider::catchup`); the SDK is subscribed by now, so a put from here on arrives.
+fn catch_up_links(provider: &WsProvider) {
+    let provider = provider.clone();
+    tokio::spawn(async move {
+        match provider
+            .catch_up_links(wasmcloud_provider_sdk::get_connection())
+            .await
+        {
+            Ok(0) => {}
+            Ok(applied) => tracing::info!(applied, "applied links the host never delivered"),
+            Err(error) => tracing::warn!(
+                error = %format!("{error:#}"),
+                "cannot read the links the host stored; a link put while the provider was starting may be missing"
+            ),
+        }
+    });
 }
 
 /// How long the last flush of the lattice connection may take at shutdown.

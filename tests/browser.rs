@@ -8,7 +8,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{ensure, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 use common::{free_port, Blackhole, Env};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -175,19 +175,43 @@ async fn command(peer: &mut common::ws::ClientPeer, text: &str) -> Result<String
     Ok(answer["body"].as_str().unwrap_or_default().to_string())
 }
 
-/// The next report of the page that starts with `kind=`, URL-decoded.
-async fn next_report(results: &mut mpsc::UnboundedReceiver<String>, kind: &str) -> Result<String> {
-    loop {
-        let report = tokio::time::timeout(Duration::from_secs(60), results.recv())
-            .await
-            .with_context(|| format!("the page reported no {kind} within 60 s"))?
-            .context("result channel closed")?;
-        if let Some(value) = report.strip_prefix(&format!("{kind}=")) {
-            return Ok(url::form_urlencoded::parse(format!("v={value}").as_bytes())
-                .next()
-                .map(|(_, v)| v.into_owned())
-                .unwrap_or_default());
+/// The page's reports, as they arrive. Each is a fetch of its own, so one may overtake another
+/// (a message report may arrive before the session report sent just before it): a report of
+/// another kind than the one awaited is kept for later, never dropped.
+struct Reports {
+    rx: mpsc::UnboundedReceiver<String>,
+    pending: Vec<String>,
+}
+
+impl Reports {
+    fn new(rx: mpsc::UnboundedReceiver<String>) -> Self {
+        Self {
+            rx,
+            pending: Vec::new(),
         }
+    }
+
+    /// The next report that starts with `kind=`, URL-decoded.
+    async fn next(&mut self, kind: &str) -> Result<String> {
+        let prefix = format!("{kind}=");
+        let report = match self.pending.iter().position(|r| r.starts_with(&prefix)) {
+            Some(i) => self.pending.remove(i),
+            None => loop {
+                let report = tokio::time::timeout(Duration::from_secs(60), self.rx.recv())
+                    .await
+                    .with_context(|| format!("the page reported no {kind} within 60 s"))?
+                    .context("result channel closed")?;
+                if report.starts_with(&prefix) {
+                    break report;
+                }
+                self.pending.push(report);
+            },
+        };
+        let value = &report[prefix.len()..];
+        Ok(url::form_urlencoded::parse(format!("v={value}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default())
     }
 }
 
@@ -204,7 +228,8 @@ async fn the_readme_client_in_a_browser_resumes_after_a_cut_and_misses_nothing()
     let proxy = Blackhole::start(&url).await?;
     let http = TcpListener::bind("127.0.0.1:0").await?;
     let origin = format!("http://127.0.0.1:{}", http.local_addr()?.port());
-    let (results_tx, mut results) = mpsc::unbounded_channel();
+    let (results_tx, results) = mpsc::unbounded_channel();
+    let mut reports = Reports::new(results);
     let (command_tx, commands) = tokio::sync::watch::channel(String::new());
     let server = tokio::spawn(http_server_with(
         http,
@@ -214,8 +239,7 @@ async fn the_readme_client_in_a_browser_resumes_after_a_cut_and_misses_nothing()
     ));
     let (_profile, _browser) = browser(&origin)?;
 
-    let session: serde_json::Value =
-        serde_json::from_str(&next_report(&mut results, "session").await?)?;
+    let session: serde_json::Value = serde_json::from_str(&reports.next("session").await?)?;
     ensure!(session["resumed"] == false, "{session}");
     let id = session["id"].as_str().context("session id")?.to_string();
     let mut controller = common::ws::connect(&format!("{url}/"), &[]).await?;
@@ -227,15 +251,14 @@ async fn the_readme_client_in_a_browser_resumes_after_a_cut_and_misses_nothing()
         command(&mut controller, &format!("!send {id} before")).await?,
         "SENT"
     );
-    assert_eq!(next_report(&mut results, "message").await?, "0:1:before");
+    assert_eq!(reports.next("message").await?, "0:1:before");
 
     // The page's network drops (nothing passes, nothing closes); 100 messages meanwhile.
     proxy.cut();
     let expected = controller.send_direct_and_to_room(&id, 50).await?;
     // The network is back, by another route: the page resumes.
     command_tx.send_replace(format!("reconnect {url}"));
-    let resumed: serde_json::Value =
-        serde_json::from_str(&next_report(&mut results, "session").await?)?;
+    let resumed: serde_json::Value = serde_json::from_str(&reports.next("session").await?)?;
     ensure!(resumed["id"] == id.as_str(), "{resumed}");
     ensure!(
         resumed["resumed"] == true && resumed["recovered"] == true,
@@ -243,7 +266,10 @@ async fn the_readme_client_in_a_browser_resumes_after_a_cut_and_misses_nothing()
     );
     let mut got = Vec::new();
     for _ in 0..100 {
-        got.push(next_report(&mut results, "message").await?);
+        match reports.next("message").await {
+            Ok(report) => got.push(report),
+            Err(e) => bail!("{e:#}; the page reported {} of 100: {got:?}", got.len()),
+        }
     }
     // Reports are fetches and may arrive out of order: sort by the page's own count.
     got.sort_by_key(|r| r.split(':').next().and_then(|i| i.parse::<u32>().ok()));
@@ -253,13 +279,13 @@ async fn the_readme_client_in_a_browser_resumes_after_a_cut_and_misses_nothing()
         .map(|(i, body)| format!("{}:{}:{body}", i + 1, i + 2))
         .collect();
     assert_eq!(got, want, "every missed message, once, in order");
-    // And nothing more (no message twice): a negative check, so a short wait.
-    let more = tokio::time::timeout(
-        Duration::from_millis(700),
-        next_report(&mut results, "message"),
-    )
-    .await;
-    ensure!(more.is_err(), "a message more: {more:?}");
+    // And nothing more (no message twice, no second resume): a negative check, so a short wait.
+    let more = tokio::time::timeout(Duration::from_millis(700), reports.rx.recv()).await;
+    ensure!(
+        more.is_err() && reports.pending.is_empty(),
+        "a report more: {more:?} {:?}",
+        reports.pending
+    );
     server.abort();
     env.stop().await
 }

@@ -469,3 +469,33 @@ async fn a_server_session_whose_peer_never_answers_pings_is_closed() -> Result<(
     ensure!(last.starts_with("LIST 1"), "{last}");
     env.stop().await
 }
+
+/// A link put that comes while the provider's process is starting reaches nobody (the host sends
+/// it once; wadm deploys a provider and its links at the same moment). The provider applies the
+/// links the host stored that it never received: the client link connects and its frames reach
+/// the component, on one connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn links_the_host_stored_but_never_delivered_are_applied() -> Result<()> {
+    let env = Env::start_bare().await?;
+    let mut server = Server::start().await?;
+    env.component("test_echo", "late").await?;
+    env.config(
+        "late-cfg",
+        &[("URI", &server.uri()), ("SUBJECT", "ws.late")],
+    )
+    .await?;
+    env.link_consumer("late", "default", &[]).await?;
+    env.link_handler("late", "late-handler", &["late-cfg"])
+        .await?;
+    // No provider ran when the links were put: the host delivered them to nobody.
+    let _provider = env.start_provider_without_links().await?;
+    let mut peer = server.accept().await?;
+    assert_eq!(
+        peer.round_trip("after a lost put").await?,
+        "after a lost put"
+    );
+    // The echo's publish went through the caught-up consumer link, on the same socket.
+    assert_eq!(peer.round_trip("!plain and back").await?, "and back");
+    server.expect_no_connection(QUIET).await?;
+    env.stop().await
+}

@@ -1,6 +1,7 @@
 //! The SDK's `Provider`: links become connections and listeners, health and shutdown report on
 //! them. The link table is in [`table`], link puts and deletes in [`links`], the host's delete
-//! messages in [`deletes`], publish routing in [`route`], the health text in [`health`].
+//! messages in [`deletes`], links the host stored but never delivered in [`catchup`], publish
+//! routing in [`route`], the health text in [`health`].
 //!
 //! Link state is keyed by (component ID, link name) and interface:
 //! - a provider->component `handler` link always uses a connection (or a listener, in server
@@ -17,6 +18,7 @@
 //! Links of one component whose endpoints (URI, token, headers) are equal share one connection
 //! through a pool of weak references; the connection closes when its last link is deleted.
 
+mod catchup;
 mod deletes;
 mod health;
 mod links;

@@ -448,6 +448,47 @@ impl Env {
     }
 }
 
+impl Env {
+    /// Starts the fresh provider binary as the host starts it (host data as one base64 JSON line
+    /// on stdin, an empty environment, this environment's lattice and provider ID), but by
+    /// itself and with no links in its host data: as if every link put had come while its
+    /// process was starting, and been lost (which the host's 0.27.1 start-up order allows, and
+    /// no other way reproduces at will). Killed when the returned child is dropped.
+    pub async fn start_provider_without_links(&self) -> Result<tokio::process::Child> {
+        use base64::Engine as _;
+        use tokio::io::AsyncWriteExt as _;
+        let host_data = serde_json::json!({
+            "host_id": self.host_id,
+            "lattice_rpc_prefix": LATTICE,
+            "link_name": "default",
+            "lattice_rpc_url": self.nats.url,
+            "provider_key": PROVIDER_ID,
+            "env_values": {},
+            "instance_id": "started-without-links",
+            "link_definitions": [],
+            "config": {},
+            "secrets": {},
+            "host_xkey_public_key": "",
+            "provider_xkey_private_key": "",
+            "log_level": "info",
+            "structured_logging": false
+        });
+        let line =
+            base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&host_data)?);
+        let mut child = tokio::process::Command::new(provider_binary()?)
+            .env_clear()
+            .stdin(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("failed to start the provider binary")?;
+        let mut stdin = child.stdin.take().context("no stdin")?;
+        stdin.write_all(line.as_bytes()).await?;
+        stdin.write_all(b"\r\n").await?;
+        drop(stdin);
+        Ok(child)
+    }
+}
+
 /// Another host of the same lattice, running the same provider (a replica) from the same PAR.
 pub struct OtherHost {
     pub host_id: String,
