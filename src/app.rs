@@ -111,7 +111,6 @@ pub async fn run(threads: usize, warnings: Vec<String>) -> anyhow::Result<()> {
         .context("failed to run provider")?;
     let connection = get_connection();
     follow_link_deletes(&provider, connection).await;
-    catch_up_links(&provider);
     // The exports are served on the SDK's lattice connection by our own server (`wrpc`), which
     // cannot lose a caller's parameters the way wrpc-transport-nats 0.29 can.
     let server = wrpc::ExportServer::new(
@@ -124,6 +123,7 @@ pub async fn run(threads: usize, warnings: Vec<String>) -> anyhow::Result<()> {
     let invocations = bindings::serve(&server, provider.clone())
         .await
         .context("failed to serve exports")?;
+    catch_up_links(&provider);
     let until_stopped = async {
         tokio::select! {
             // Checked first on every wake-up, so the loop is not polled after the shutdown.
@@ -161,7 +161,8 @@ async fn follow_link_deletes(
 }
 
 /// Applies, in a task of its own, the links the host stored but never delivered (see
-/// `provider::catchup`); the SDK is subscribed by now, so a put from here on arrives.
+/// `provider::catchup`); the SDK is subscribed by now, so a put from here on arrives, and the
+/// exports are served, so a component the link reaches can publish back.
 fn catch_up_links(provider: &WsProvider) {
     let provider = provider.clone();
     tokio::spawn(async move {

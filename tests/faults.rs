@@ -499,3 +499,65 @@ async fn links_the_host_stored_but_never_delivered_are_applied() -> Result<()> {
     server.expect_no_connection(QUIET).await?;
     env.stop().await
 }
+
+/// The host's late put of a link the provider already applied from the host's store changes
+/// nothing: a server link is not restarted under its clients. (With two handler links to one
+/// component, the SDK's own duplicate check remembers only the last one applied.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_put_of_a_caught_up_server_link_does_not_restart_it() -> Result<()> {
+    let env = Env::start_bare().await?;
+    let mut server = Server::start().await?;
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let server_config = [("MODE", "server"), ("LISTEN_ADDRESS", listen.as_str())];
+    env.component("test_echo", "late").await?;
+    env.config("late-server", &server_config).await?;
+    env.config("late-client", &[("URI", &server.uri())]).await?;
+    env.link_consumer("late", "default", &[]).await?;
+    // In this order the SDK's record of the component's links ends with the client link.
+    env.link_handler("late", "late-server", &["late-server"])
+        .await?;
+    env.link_handler("late", "late-client", &["late-client"])
+        .await?;
+    let _provider = env.start_provider_without_links().await?;
+    let url = format!("ws://{listen}/");
+    common::wait_listening(&url).await?;
+    let _client_link = server.accept().await?;
+    let mut peer = connect(&url, &[]).await?;
+    assert_eq!(peer.round_trip("before").await?, "before");
+
+    // The host's put of the server link comes late, then a put of another link: the provider
+    // applies puts in order, so once the other one listens, the late one was handled.
+    let put = |name: &str, config: &[(&str, &str)]| -> Result<Vec<u8>> {
+        let config: std::collections::HashMap<&str, &str> = config.iter().copied().collect();
+        Ok(serde_json::to_vec(&serde_json::json!({
+            "source_id": common::PROVIDER_ID, "target": "late", "name": name,
+            "wit_namespace": "wasmcloud", "wit_package": "messaging", "interfaces": ["handler"],
+            "source_config": config, "target_config": {}
+        }))?)
+    };
+    let subject = format!(
+        "wasmbus.rpc.{}.{}.linkdefs.put",
+        common::LATTICE,
+        common::PROVIDER_ID
+    );
+    env.client
+        .publish(subject.clone(), put("late-server", &server_config)?.into())
+        .await?;
+    let other = format!("127.0.0.1:{}", free_port()?);
+    env.client
+        .publish(
+            subject,
+            put(
+                "late-other",
+                &[("MODE", "server"), ("LISTEN_ADDRESS", &other)],
+            )?
+            .into(),
+        )
+        .await?;
+    common::wait_listening(&format!("ws://{other}/")).await?;
+
+    // The first server link kept its client, and nothing closed it.
+    assert_eq!(peer.round_trip("after").await?, "after");
+    peer.expect_silence(QUIET).await?;
+    env.stop().await
+}

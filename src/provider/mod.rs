@@ -86,6 +86,8 @@ struct Inner {
     delete_watch: Mutex<Option<crate::task::OwnedTask>>,
     /// This replica's part of the lattice (`Err`: running alone, and why).
     cluster: tokio::sync::OnceCell<Result<crate::cluster::Cluster, String>>,
+    /// Link puts one at a time, and the links applied at start-up from the host's store.
+    puts: catchup::PutGate,
     /// Set when `shutdown` starts: it runs once.
     stopping: std::sync::atomic::AtomicBool,
     /// Cancelled when `shutdown` has finished.
@@ -118,6 +120,7 @@ impl WsProvider {
                 config_problems: Mutex::default(),
                 delete_watch: Mutex::default(),
                 cluster: tokio::sync::OnceCell::new(),
+                puts: catchup::PutGate::default(),
                 stopping: std::sync::atomic::AtomicBool::new(false),
                 stopped: tokio_util::sync::CancellationToken::new(),
             }),
@@ -194,12 +197,22 @@ impl Provider for WsProvider {
 
     #[instrument(level = "debug", skip_all, fields(component = link.target_id, link = link.link_name))]
     async fn receive_link_config_as_source(&self, link: LinkConfig<'_>) -> anyhow::Result<()> {
+        let key = (link.target_id.to_string(), link.link_name.to_string());
+        let Some(_turn) = self.admit_put(Direction::Handler, &key, link.config).await else {
+            return Ok(());
+        };
         self.put_handler_link(link.target_id, link.link_name, &link)
             .await
     }
 
     #[instrument(level = "debug", skip_all, fields(component = link.source_id, link = link.link_name))]
     async fn receive_link_config_as_target(&self, link: LinkConfig<'_>) -> anyhow::Result<()> {
+        let key = (link.source_id.to_string(), link.link_name.to_string());
+        let (namespace, package, _) = link.wit_metadata;
+        let direction = Direction::of_target(namespace, package);
+        let Some(_turn) = self.admit_put(direction, &key, link.config).await else {
+            return Ok(());
+        };
         self.put_consumer_link(link.source_id, link.link_name, &link)
             .await
     }
