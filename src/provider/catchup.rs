@@ -9,8 +9,9 @@
 //! `LATTICEDATA_<lattice>` bucket (one `COMPONENT_<id>` entry per source) and applies each link
 //! of its own that it has not received, with the named config resolved as the host resolves it
 //! (from `CONFIGDATA_<lattice>`, later names overriding earlier ones). A link whose config names
-//! a secret, or a config that is not stored, is not applied (the host would not deliver it
-//! either): it is reported in health, and a delete and put of the link delivers it.
+//! a secret (only the host can read secrets), or a config that is not stored (the host would
+//! not deliver it either), is not applied: it is reported in health, and a delete and put of the
+//! link delivers it. The buckets are read in the default JetStream domain.
 //!
 //! Link puts go one at a time through a gate ([`PutGate`]): the catch-up applies a link only if
 //! no put got there first, and the host's late put of a link the catch-up applied with the same
