@@ -29,7 +29,7 @@ use tracing::{info, warn};
 use wasmcloud_provider_sdk::core::InterfaceLinkDefinition;
 use wasmcloud_provider_sdk::ProviderConnection;
 
-use super::table::{Direction, LinkKey};
+use super::table::{Direction, LinkKey, Links};
 use super::WsProvider;
 
 /// The host's prefix of config names that refer to secrets (`wasmcloud-secrets-types`).
@@ -176,15 +176,14 @@ impl WsProvider {
                 );
                 continue;
             }
-            if configs.is_none() {
-                configs = Some(
+            // Opened on the first link that needs it: most starts have none.
+            let store = match configs {
+                Some(ref store) => store,
+                None => configs.insert(
                     js.get_key_value(format!("CONFIGDATA_{}", connection.lattice))
                         .await
                         .context("cannot open the lattice's config bucket")?,
-                );
-            }
-            let Some(store) = configs.as_ref() else {
-                continue;
+                ),
             };
             let config = match resolve(store, names).await {
                 Ok(config) => config,
@@ -236,7 +235,6 @@ impl WsProvider {
                 Ok(false) => {
                     info!(component = %key.0, link = %key.1, direction = direction.as_str(),
                         "a link applied at start-up was deleted meanwhile; removed");
-                    self.forget_caught_up(direction, &key);
                     self.remove_link_as(direction, key).await;
                     connection.delete_link(&link.source_id, &link.target).await;
                 }
@@ -253,20 +251,22 @@ impl WsProvider {
 
     /// Whether the provider holds (or refused) the link `key` in `direction`.
     fn knows_link(&self, direction: Direction, key: &LinkKey) -> bool {
-        self.holds_link(direction, key)
-            || self.links().errors.contains_key(&(direction, key.clone()))
+        let links = self.links();
+        holds(&links, direction, key) || links.errors.contains_key(&(direction, key.clone()))
     }
 
     /// Whether the provider holds the link `key` in `direction`.
     fn holds_link(&self, direction: Direction, key: &LinkKey) -> bool {
-        let links = self.links();
-        match direction {
-            Direction::Handler => {
-                links.handlers.contains_key(key) || links.servers.contains_key(key)
-            }
-            Direction::Consumer => links.consumers.contains_key(key),
-            Direction::Sessions => links.sessions.contains_key(key),
-        }
+        holds(&self.links(), direction, key)
+    }
+}
+
+/// Whether `links` holds the link `key` in `direction`.
+fn holds(links: &Links, direction: Direction, key: &LinkKey) -> bool {
+    match direction {
+        Direction::Handler => links.handlers.contains_key(key) || links.servers.contains_key(key),
+        Direction::Consumer => links.consumers.contains_key(key),
+        Direction::Sessions => links.sessions.contains_key(key),
     }
 }
 

@@ -318,12 +318,12 @@ impl WsProvider {
                 None => return,
             },
         };
-        self.forget_caught_up(direction, &key);
         self.remove_link_as(direction, key).await;
     }
 
     /// Removes link `key` of `direction` (which must be known) and stops what it runs.
     pub(super) async fn remove_link_as(&self, direction: Direction, key: LinkKey) {
+        self.forget_caught_up(direction, &key);
         let (component, link_name) = (key.0.as_str(), key.1.as_str());
         let removed_any;
         let server;
